@@ -1,0 +1,135 @@
+"""The backend interface every store sits on.
+
+A backend is a handful of byte-level operations on keys. Writes take a `PutMode` value:
+overwrite, create-only, or update-if-version-matches. Every read returns the object's
+opaque *version* (S3 ETag, GCS generation, a local file's identity) that a later
+conditional put can name. Failures are the typed errors in `ckptstore.errors`; each
+backend translates its wire errors in exactly one place.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Union
+
+from ckptstore.errors import ObjectNotFoundError
+
+# Anything the buffer protocol can hand out as bytes.
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class PutMode:
+    """How a put treats an existing object: OVERWRITE, CREATE (only if absent), or update(version)."""
+
+    kind: Literal["overwrite", "create", "update"]
+    version: str | None = None
+
+    OVERWRITE: ClassVar[PutMode]
+    CREATE: ClassVar[PutMode]
+
+    @staticmethod
+    def update(version: str) -> PutMode:
+        """Replace the object only if its current version is `version`."""
+        if not version:
+            raise ValueError("update-if-version needs the version returned by a read")
+        return PutMode("update", version)
+
+
+PutMode.OVERWRITE = OVERWRITE = PutMode("overwrite")
+PutMode.CREATE = CREATE = PutMode("create")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What head and list report about one object."""
+
+    key: str
+    size: int
+    version: str
+    modified: float  # seconds since the epoch; coarse on some servers, never order commits by it
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """A whole object and the version it was read at."""
+
+    data: bytes
+    version: str
+
+
+def total_length(parts: Sequence[Buffer]) -> int:
+    """Byte length of a sequence of buffers."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+class Backend(abc.ABC):
+    """Byte-level key/value storage with conditional puts.
+
+    Contract (checked by `ckptstore.testing.BackendConformance`):
+    - `put(key, data, mode=CREATE)` raises AlreadyExistsError if the key exists; exactly one
+      of many concurrent creators wins.
+    - `put(key, data, mode=PutMode.update(v))` raises PreconditionFailedError unless the key
+      exists at version `v`; exactly one of many concurrent updaters from `v` wins.
+    - Every successful put returns the new version, and a rewrite of identical bytes still
+      yields a version a stale writer cannot match (callers make payloads unique).
+    - Reads raise ObjectNotFoundError for a missing key; delete of a missing key is a no-op.
+    - `list(prefix)` yields every key starting with `prefix`, in lexicographic order.
+    """
+
+    #: URL this backend was opened from, without credentials.
+    url: str = ""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> GetResult:
+        """The whole object and its version. Raises ObjectNotFoundError."""
+
+    @abc.abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes from `start` (fewer only at the end of the object)."""
+
+    def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+        """Fill `buffers` in order from the object's bytes at `start`; return bytes read.
+
+        Backends override this to land bytes directly in the caller's memory (a tensor).
+        """
+        wanted = sum(b.nbytes for b in buffers)
+        data = memoryview(self.get_range(key, start, wanted))
+        pos = 0
+        for buf in buffers:
+            n = min(buf.nbytes, len(data) - pos)
+            buf.cast("B")[:n] = data[pos:pos + n]
+            pos += n
+        return pos
+
+    @abc.abstractmethod
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
+        """Write `data` (one buffer or several, concatenated) under `mode`; return the new version."""
+
+    @abc.abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Size and version of `key`. Raises ObjectNotFoundError."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in lexicographic key order."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
+
+    def exists(self, key: str) -> bool:
+        """Whether `key` exists (one head request)."""
+        try:
+            self.head(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

@@ -1,0 +1,63 @@
+"""ckptstore: a checkpoint store for ML training with atomic, deduplicated commits.
+
+    store = ckptstore.open("./ckpts")
+    store.save(100, state)                 # StepExistsError if step 100 exists
+    store.save(100, state, overwrite=True) # atomic replace
+    state = store.load()                   # latest step
+
+Importing this package does not import torch, numpy or any cloud SDK.
+"""
+
+from ckptstore.chunkblob import Compression
+from ckptstore.chunking import ChunkingPolicy
+from ckptstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    CkptStoreError,
+    CommitConflictError,
+    FormatError,
+    IntegrityError,
+    InvalidKeyError,
+    InvalidURLError,
+    ObjectNotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    StateMismatchError,
+    StepExistsError,
+    StepNotFoundError,
+    StoreNotFoundError,
+    TransientError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from ckptstore.store import SaveInfo, StepInfo, Store, open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyExistsError",
+    "BackendError",
+    "ChunkingPolicy",
+    "CkptStoreError",
+    "CommitConflictError",
+    "Compression",
+    "FormatError",
+    "IntegrityError",
+    "InvalidKeyError",
+    "InvalidURLError",
+    "ObjectNotFoundError",
+    "PermissionDeniedError",
+    "PreconditionFailedError",
+    "SaveInfo",
+    "StateMismatchError",
+    "StepExistsError",
+    "StepInfo",
+    "StepNotFoundError",
+    "Store",
+    "StoreNotFoundError",
+    "TransientError",
+    "UnsupportedFormatError",
+    "UnsupportedValueError",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,172 @@
+"""Moving chunks between tensors and a backend: hash, dedup, compress, put; get, check, land.
+
+Both directions run on a thread pool (hashing, zstd and the SDKs release the GIL) with a
+bounded number of chunks in flight, so memory stays at a few chunks beyond the state itself.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ckptstore.backends.base import CREATE, Backend, total_length
+from ckptstore.chunkblob import HEADER_SIZE, Compression, decode_chunk, decode_header, encode_chunk
+from ckptstore.chunking import ChunkPlan, PlannedChunk
+from ckptstore.errors import (
+    AlreadyExistsError,
+    FormatError,
+    IntegrityError,
+    ObjectNotFoundError,
+    UnsupportedFormatError,
+)
+from ckptstore.keys import chunk_key
+from ckptstore.manifest import ChunkEntry
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """`fn` over `items` on `threads` threads, at most 2x`threads` in flight; results in order."""
+    items = list(items)
+    if threads <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    window = 2 * threads
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-io") as pool:
+        pending: list[cf.Future[R]] = []
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+@dataclass(frozen=True)
+class WrittenChunk:
+    """A chunk after the write pass; `written` is False when it was already stored."""
+
+    entry: ChunkEntry
+    written: bool
+
+
+class ChunkWriter:
+    """Writes planned chunks of source tensors, skipping chunks the backend already has."""
+
+    def __init__(self, backend: Backend, hash_fn: Callable[[Any], str], compression: Compression, threads: int):
+        self.backend = backend
+        self.hash_fn = hash_fn
+        self.compression = compression
+        self.threads = threads
+
+    def write(self, plan: ChunkPlan, sources: list[memoryview]) -> list[WrittenChunk]:
+        """Write every chunk of `plan`; returns one result per planned chunk, in order."""
+        return list(bounded_map(lambda chunk: self._write_one(chunk, sources), plan.chunks, self.threads))
+
+    def _write_one(self, chunk: PlannedChunk, sources: list[memoryview]) -> WrittenChunk:
+        raw = _materialize(chunk, sources)
+        digest = self.hash_fn(raw)
+        key = chunk_key(digest)
+        try:
+            info = self.backend.head(key)
+            return WrittenChunk(ChunkEntry(digest, chunk.size, info.size), written=False)
+        except ObjectNotFoundError:
+            pass
+        parts = encode_chunk(raw, self.compression)
+        try:
+            self.backend.put(key, parts, mode=CREATE)
+        except AlreadyExistsError:  # a concurrent save wrote the same bytes first
+            return WrittenChunk(ChunkEntry(digest, chunk.size, self.backend.head(key).size), written=False)
+        return WrittenChunk(ChunkEntry(digest, chunk.size, total_length(parts)), written=True)
+
+
+def _materialize(chunk: PlannedChunk, sources: list[memoryview]) -> memoryview:
+    if len(chunk.pieces) == 1:  # a slice of one tensor: no copy
+        index, start, length = chunk.pieces[0]
+        return sources[index][start:start + length]
+    buffer = bytearray(chunk.size)
+    pos = 0
+    for index, start, length in chunk.pieces:
+        buffer[pos:pos + length] = sources[index][start:start + length]
+        pos += length
+    return memoryview(buffer)
+
+
+@dataclass(frozen=True)
+class Landing:
+    """Where `length` bytes at `offset` in a chunk go: `target` (a flat byte view)."""
+
+    offset: int
+    length: int
+    target: memoryview
+    label: str  # the tensor's path, for error messages
+
+
+class ChunkReader:
+    """Fetches chunks, checks them against their hash, and lands their bytes in tensors."""
+
+    def __init__(self, backend: Backend, hash_fn: Callable[[Any], str], threads: int, verify: bool = True):
+        self.backend = backend
+        self.hash_fn = hash_fn
+        self.threads = threads
+        self.verify = verify
+
+    def read(self, jobs: list[tuple[ChunkEntry, list[Landing]]], context: str) -> None:
+        """Land every chunk's bytes; raises IntegrityError naming `context`, the tensor and key."""
+        for _ in bounded_map(lambda job: self._read_one(job[0], job[1], context), jobs, self.threads):
+            pass
+
+    def _read_one(self, chunk: ChunkEntry, landings: list[Landing], context: str) -> None:
+        key = chunk_key(chunk.digest)
+        label = landings[0].label if landings else "?"
+        try:
+            if not self._read_direct(key, chunk, landings):
+                self._read_buffered(key, chunk, landings)
+        except ObjectNotFoundError as exc:
+            raise IntegrityError(f"{context}: chunk {key} of tensor {label} is missing") from exc
+        except UnsupportedFormatError:
+            raise
+        except FormatError as exc:
+            raise IntegrityError(f"{context}: chunk {key} of tensor {label} is corrupt: {exc}") from exc
+
+    def _read_direct(self, key: str, chunk: ChunkEntry, landings: list[Landing]) -> bool:
+        """Zero-copy path: an uncompressed chunk holding one tensor slice is read into the tensor."""
+        if len(landings) != 1 or landings[0].offset != 0 or landings[0].length != chunk.raw_size:
+            return False
+        if chunk.stored_size != HEADER_SIZE + chunk.raw_size:
+            return False
+        target = landings[0].target
+        header = bytearray(HEADER_SIZE)
+        got = self.backend.read_into(key, 0, [memoryview(header), target])
+        parsed = decode_header(header) if got >= HEADER_SIZE else None
+        if parsed is None or parsed.codec != 0 or parsed.raw_length != chunk.raw_size:
+            return False  # not what the sizes suggested: take the general path
+        if got != HEADER_SIZE + chunk.raw_size:
+            raise FormatError(f"chunk blob truncated: {got} of {HEADER_SIZE + chunk.raw_size} bytes")
+        self._check(key, chunk, target)
+        return True
+
+    def _read_buffered(self, key: str, chunk: ChunkEntry, landings: list[Landing]) -> None:
+        # A valid blob is never longer than header + raw: read one byte more to catch junk
+        # without letting a hostile object make us allocate more than that.
+        limit = HEADER_SIZE + chunk.raw_size
+        blob = self.backend.get_range(key, 0, limit + 1)
+        if len(blob) > limit:
+            raise FormatError(f"chunk blob longer than header + {chunk.raw_size} raw bytes")
+        raw = decode_chunk(blob, expected_raw_length=chunk.raw_size)
+        self._check(key, chunk, raw)
+        for landing in landings:
+            landing.target[:] = raw[landing.offset:landing.offset + landing.length]
+
+    def _check(self, key: str, chunk: ChunkEntry, raw: memoryview) -> None:
+        if self.verify:
+            actual = self.hash_fn(raw)
+            if actual != chunk.digest:
+                raise FormatError(f"content hash {actual[:16]}... does not match its key")

@@ -1,0 +1,146 @@
+"""Every error ckptstore raises, in one place.
+
+The tree::
+
+    CkptStoreError
+    ├── BackendError                  a storage operation failed (permanent unless a subclass says so)
+    │   ├── ObjectNotFoundError       the key does not exist
+    │   ├── AlreadyExistsError        create-only put found the key present
+    │   ├── PreconditionFailedError   update-if-version found another version (or no object)
+    │   ├── TransientError            retryable: throttling, 5xx, timeouts, resets
+    │   └── PermissionDeniedError     credentials or bucket policy refused the operation
+    ├── StoreNotFoundError            a URL points at no store and create=False
+    ├── InvalidKeyError               a key that could escape the root or is malformed
+    ├── InvalidURLError               a store URL ckptstore cannot open
+    ├── StepExistsError               commit without overwrite found the step committed
+    ├── StepNotFoundError             the requested step has no ref
+    ├── CommitConflictError           another writer replaced the step while we committed
+    ├── IntegrityError                stored bytes do not match their hash
+    ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
+    │   └── UnsupportedFormatError    written by a newer/unknown format version
+    ├── UnsupportedValueError         the state holds a value the format cannot represent
+    └── StateMismatchError            load(into=...) found a tensor of another shape or dtype
+
+Backend errors carry the key and the operation so a message always says what failed where.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+
+class CkptStoreError(Exception):
+    """Root of every error raised by ckptstore."""
+
+
+class BackendError(CkptStoreError):
+    """A storage operation failed; permanent unless a subclass says otherwise."""
+
+    def __init__(self, message: str, *, key: str | None = None, operation: str | None = None):
+        self.key = key
+        self.operation = operation
+        where = []
+        if operation:
+            where.append(operation)
+        if key is not None:
+            where.append(repr(key))
+        super().__init__(f"{message} ({' '.join(where)})" if where else message)
+
+
+class ObjectNotFoundError(BackendError):
+    """The key does not exist."""
+
+
+class AlreadyExistsError(BackendError):
+    """A create-only put found the key already present."""
+
+
+class PreconditionFailedError(BackendError):
+    """An update-if-version put found a different version, or no object at all."""
+
+
+class TransientError(BackendError):
+    """A retryable failure (throttling, 5xx, timeout, connection reset)."""
+
+
+class PermissionDeniedError(BackendError):
+    """The server refused the operation for these credentials."""
+
+
+class StoreNotFoundError(CkptStoreError):
+    """The URL points at no ckptstore store (no CKPTSTORE marker) and create=False."""
+
+
+class InvalidKeyError(CkptStoreError, ValueError):
+    """A key is malformed or could escape the store root."""
+
+
+class InvalidURLError(CkptStoreError, ValueError):
+    """A store URL that ckptstore cannot open."""
+
+
+def _when(timestamp: float) -> str:
+    return _dt.datetime.fromtimestamp(timestamp, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+class StepExistsError(CkptStoreError):
+    """A commit without overwrite found the step already committed; nothing was changed."""
+
+    def __init__(self, step: int, committed_at: float, writer: str):
+        self.step = step
+        self.committed_at = committed_at
+        self.writer = writer
+        super().__init__(
+            f"step {step} already exists (committed {_when(committed_at)} by {writer}); "
+            f"pass overwrite=True (CLI: --overwrite) to replace it atomically"
+        )
+
+
+class StepNotFoundError(CkptStoreError, KeyError):
+    """The requested step (or tag) has no ref in this store."""
+
+    def __init__(self, step: int | str, store: str = ""):
+        self.step = step
+        where = f" in {store}" if store else ""
+        super().__init__(f"step {step} not found{where}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0])
+
+
+class CommitConflictError(CkptStoreError):
+    """Another writer replaced the step between our read of its ref and our conditional put."""
+
+    def __init__(self, step: int, ours: str, theirs: str | None):
+        self.step = step
+        self.our_commit = ours
+        self.their_commit = theirs
+        other = f"commit {theirs}" if theirs else "a delete"
+        super().__init__(
+            f"step {step}: our commit {ours} lost a compare-and-swap race to {other}; "
+            f"the stored step is the other writer's, nothing was clobbered"
+        )
+
+
+class IntegrityError(CkptStoreError):
+    """Stored bytes do not match the hash they are stored under."""
+
+
+class FormatError(CkptStoreError):
+    """A stored object is malformed: truncated, garbage, or hostile."""
+
+
+class UnsupportedFormatError(FormatError):
+    """An object written by a format version this reader does not know."""
+
+
+class UnsupportedValueError(CkptStoreError, TypeError):
+    """The state holds a value the format cannot represent; the path names where."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"cannot save value at {path}: {reason}")
+
+
+class StateMismatchError(CkptStoreError, ValueError):
+    """load(into=...) found a target tensor whose shape or dtype differs from the stored one."""

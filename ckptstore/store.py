@@ -1,0 +1,306 @@
+"""The Store: save and load steps. The only module that knows the order of writes.
+
+Save order (docs/FORMAT.md, "Commit protocol"): chunks, then the manifest, then the ref.
+A step exists exactly when its ref does, and a ref only ever names a complete manifest.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ckptstore import keys
+from ckptstore.backends.base import CREATE, Backend
+from ckptstore.chunkblob import Compression
+from ckptstore.chunking import ChunkingPolicy, plan_chunks
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
+from ckptstore.commit import commit_ref, read_ref
+from ckptstore.errors import (
+    AlreadyExistsError,
+    FormatError,
+    IntegrityError,
+    ObjectNotFoundError,
+    StepNotFoundError,
+    StoreNotFoundError,
+    UnsupportedValueError,
+)
+from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
+from ckptstore.manifest import (
+    ChunkEntry,
+    Manifest,
+    Marker,
+    Ref,
+    TensorEntry,
+    decode_manifest,
+    decode_marker,
+    encode_manifest,
+    encode_marker,
+)
+from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path, lookup, map_tensors
+
+DEFAULT_THREADS = 4
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What a save did: the commit, and how many bytes it had to write."""
+
+    step: int
+    manifest: str
+    commit_id: str
+    seq: int
+    replaced: str | None  # manifest the commit replaced (overwrite), if any
+    tensors: int
+    logical_bytes: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int  # stored bytes of chunks this save wrote (the rest deduplicated)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """A committed step: its ref and manifest."""
+
+    step: int
+    ref: Ref
+    manifest: Manifest
+
+
+def _writer_identity() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+class Store:
+    """A checkpoint store on one backend. Open with `ckptstore.open(url)`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        create: bool = True,
+        chunking: ChunkingPolicy | None = None,
+        compression: Compression | None = None,
+        threads: int = DEFAULT_THREADS,
+        verify: bool = True,
+    ):
+        self.backend = backend
+        self.chunking = chunking or ChunkingPolicy()
+        self.compression = compression or Compression()
+        self.threads = max(1, threads)
+        self.verify = verify
+        self.marker = self._open_marker(create)
+        self._hash = hasher(self.marker.hash_algorithm)
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the backend's connections."""
+        self.backend.close()
+
+    def _open_marker(self, create: bool) -> Marker:
+        try:
+            return decode_marker(self.backend.get(keys.MARKER).data)
+        except ObjectNotFoundError:
+            if not create:
+                raise StoreNotFoundError(
+                    f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
+                    f"save a step there first, or check the URL"
+                ) from None
+        marker = Marker(DEFAULT_ALGORITHM, time.time())
+        try:
+            self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
+            return marker
+        except AlreadyExistsError:  # another process created the store first: use theirs
+            return decode_marker(self.backend.get(keys.MARKER).data)
+
+    # -- save ------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None) -> SaveInfo:
+        """Save `state` as `step` and commit it atomically.
+
+        Raises StepExistsError if the step exists and not `overwrite` (nothing is touched),
+        CommitConflictError if another writer replaced it concurrently, and
+        UnsupportedValueError (naming the path) for state the format cannot hold.
+        """
+        from ckptstore.tensors import describe, is_tensor
+
+        started = time.perf_counter()
+        keys.check_step(step)
+        try:
+            msgpack.packb(metadata, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedValueError("metadata", f"must be plain msgpack values: {exc}") from exc
+
+        sources = []
+
+        def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
+            if not is_tensor(value):
+                return None
+            sources.append(describe(value, format_path(path)))
+            return len(sources) - 1
+
+        tree = encode_tree(state, on_tensor)
+        plan = plan_chunks([s.data.nbytes for s in sources], self.chunking)
+        writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads)
+        written = writer.write(plan, [s.data for s in sources])
+
+        # One table entry per distinct chunk; planned slots map onto it.
+        table: dict[str, int] = {}
+        chunks: list[ChunkEntry] = []
+        for result in written:
+            if result.entry.digest not in table:
+                table[result.entry.digest] = len(chunks)
+                chunks.append(result.entry)
+        slot_to_index = [table[result.entry.digest] for result in written]
+        tensors = tuple(
+            TensorEntry(src.kind, src.dtype, src.shape,
+                        tuple((slot_to_index[slot], offset, length) for slot, offset, length in segs))
+            for src, segs in zip(sources, plan.segments)
+        )
+        manifest = Manifest(step, time.time(), metadata, tree, tensors, tuple(chunks))
+        encoded = encode_manifest(manifest)
+        manifest_digest = self._hash(encoded)
+        try:
+            self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
+        except AlreadyExistsError:
+            pass  # identical manifest already stored (content-addressed)
+
+        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=_writer_identity())
+        committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
+        new = [r for r in written if r.written]
+        return SaveInfo(
+            step=step, manifest=manifest_digest, commit_id=committed.commit_id, seq=committed.seq,
+            replaced=committed.replaces, tensors=len(tensors), logical_bytes=manifest.logical_bytes,
+            chunks=len(chunks), new_chunks=len({r.entry.digest for r in new}),
+            new_bytes=sum({r.entry.digest: r.entry.stored_size for r in new}.values()),
+            seconds=time.perf_counter() - started,
+        )
+
+    # -- read ------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        found = (keys.step_from_ref_key(info.key) for info in self.backend.list(keys.STEP_REFS))
+        return sorted(step for step in found if step is not None)
+
+    def latest(self) -> int | None:
+        """The highest committed step, or None for an empty store."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def ref(self, step: int) -> Ref:
+        """The ref of `step`. Raises StepNotFoundError."""
+        found = read_ref(self.backend, keys.step_ref_key(step))
+        if found is None:
+            raise StepNotFoundError(step, self.url)
+        return found[0]
+
+    def manifest(self, digest: str) -> Manifest:
+        """The manifest stored under `digest`, checked against it."""
+        key = keys.manifest_key(digest)
+        try:
+            data = self.backend.get(key).data
+        except ObjectNotFoundError as exc:
+            raise IntegrityError(f"manifest {key} is missing") from exc
+        if self.verify and self._hash(data) != digest:
+            raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
+        return decode_manifest(data)
+
+    def info(self, step: int) -> StepInfo:
+        """The ref and manifest of a committed step."""
+        ref = self.ref(step)
+        return StepInfo(step, ref, self.manifest(ref.manifest))
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            latest = self.latest()
+            if latest is None:
+                raise StepNotFoundError("latest", self.url)
+            return latest
+        return keys.check_step(step)
+
+    def load(self, step: int | None = None, *, into: Any = None) -> Any:
+        """The state saved as `step` (default: the latest step).
+
+        With `into`, tensors at the same paths in that tree are filled in place (CPU
+        contiguous tensors receive the bytes directly) and returned in the result.
+        Raises StepNotFoundError, IntegrityError (corrupt or missing data, naming the step,
+        tensor and key) or StateMismatchError (an `into` tensor of another shape or dtype).
+        """
+        from ckptstore.tensors import allocate
+
+        step = self._resolve(step)
+        manifest = self.info(step).manifest
+        tree = decode_tree(manifest.tree)
+        targets: dict[int, Any] = {}
+        labels: dict[int, str] = {}
+
+        def place(path: tuple[Any, ...], ref: TensorRef) -> TensorRef:
+            if ref.index >= len(manifest.tensors):
+                raise FormatError(f"step {step}: tree references tensor {ref.index} of {len(manifest.tensors)}")
+            if ref.index not in targets:
+                labels[ref.index] = format_path(path)
+                targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index],
+                                              lookup(into, path) if into is not None else None)
+            return ref
+
+        map_tensors(tree, place)
+        landings: dict[int, list[Landing]] = {}
+        for index, target in targets.items():
+            position = 0
+            for chunk_index, offset, length in manifest.tensors[index].segments:
+                landings.setdefault(chunk_index, []).append(
+                    Landing(offset, length, target.data[position:position + length], labels[index]))
+                position += length
+        reader = ChunkReader(self.backend, self._hash, self.threads, verify=self.verify)
+        reader.read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], f"step {step}")
+        finished = {index: target.finish() for index, target in targets.items()}
+        return map_tensors(tree, lambda _path, ref: finished[ref.index])
+
+    # -- delete ----------------------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Delete the ref of `step` (its data is freed by gc). Raises StepNotFoundError."""
+        key = keys.step_ref_key(step)
+        if not self.backend.exists(key):
+            raise StepNotFoundError(step, self.url)
+        self.backend.delete(key)
+
+
+def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
+    url: str | os.PathLike[str],
+    *,
+    create: bool = True,
+    chunking: ChunkingPolicy | None = None,
+    compression: Compression | None = None,
+    threads: int = DEFAULT_THREADS,
+    verify: bool = True,
+) -> Store:
+    """Open (and by default create) the store at `url`: a path, file://, or memory://.
+
+    Raises StoreNotFoundError when `create=False` and no store is there, InvalidURLError
+    for a URL ckptstore cannot open, UnsupportedFormatError for a newer store format.
+    """
+    from ckptstore.url import open_backend
+
+    return Store(open_backend(url), create=create, chunking=chunking, compression=compression,
+                 threads=threads, verify=verify)

@@ -1,0 +1,168 @@
+"""Bridge between tensors (torch, numpy) and their raw little-endian bytes.
+
+torch is imported only when a tensor is actually seen (the check on save looks at the type's
+module name first), so `import ckptstore` and the CLI's listing commands stay torch-free.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ckptstore.dtypes import (
+    KIND_NUMPY,
+    KIND_NUMPY_SCALAR,
+    KIND_TORCH,
+    TORCH_DTYPE_SIZES,
+    UNSUPPORTED_TORCH_DTYPES,
+)
+from ckptstore.errors import FormatError, StateMismatchError, UnsupportedValueError
+from ckptstore.manifest import TensorEntry
+
+if sys.byteorder != "little":  # pragma: no cover - no such host in sight
+    raise ImportError("ckptstore stores little-endian bytes and does not support big-endian hosts")
+
+
+@dataclass
+class SourceTensor:
+    """A tensor seen while saving: how to describe it and a byte view of its data."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview  # flat, C-contiguous bytes; keeps the (maybe copied) storage alive
+    keepalive: Any
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
+
+
+def _is_numpy(value: Any) -> bool:
+    return "numpy" in sys.modules and isinstance(value, (sys.modules["numpy"].ndarray, sys.modules["numpy"].generic))
+
+
+def is_tensor(value: Any) -> bool:
+    """Whether `value` is saved as a tensor (torch tensor, numpy array or numpy scalar)."""
+    return _is_torch_tensor(value) or _is_numpy(value)
+
+
+def torch_dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(value: Any, path: str) -> SourceTensor:
+    """The bytes and description of a tensor value; UnsupportedValueError if it has none."""
+    if _is_torch_tensor(value):
+        return _describe_torch(value, path)
+    return _describe_numpy(value, path)
+
+
+def _describe_torch(tensor: Any, path: str) -> SourceTensor:
+    import torch
+
+    name = torch_dtype_name(tensor.dtype)
+    if name in UNSUPPORTED_TORCH_DTYPES or name not in TORCH_DTYPE_SIZES:
+        raise UnsupportedValueError(path, f"torch dtype {name} (quantized tensors) is not supported")
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(path, f"tensor layout {tensor.layout} is not supported; convert to dense")
+    if tensor.device.type == "meta":
+        raise UnsupportedValueError(path, "meta tensors have no data")
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedValueError(path, f"tensor subclass {type(tensor).__name__} is not supported")
+    plain = tensor.detach()
+    if plain.is_conj():
+        plain = plain.resolve_conj()
+    if plain.is_neg():
+        plain = plain.resolve_neg()
+    plain = plain.to("cpu").contiguous()
+    shape = tuple(plain.shape)
+    flat = plain.reshape(-1).view(torch.uint8)
+    return SourceTensor(KIND_TORCH, name, shape, memoryview(flat.numpy()), plain)
+
+
+def _describe_numpy(value: Any, path: str) -> SourceTensor:
+    import numpy as np
+
+    kind = KIND_NUMPY_SCALAR if isinstance(value, np.generic) else KIND_NUMPY
+    array = np.asarray(value)  # keeps 0-d (ascontiguousarray would make it 1-d)
+    if not array.flags.c_contiguous:
+        array = array.copy(order="C")
+    if array.dtype.hasobject or array.dtype.fields is not None or array.dtype.kind not in "biufcmMSU":
+        raise UnsupportedValueError(path, f"numpy dtype {array.dtype} is not supported (objects or records)")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return SourceTensor(kind, array.dtype.str, tuple(array.shape), memoryview(array.reshape(-1).view(np.uint8)), array)
+
+
+@dataclass
+class TargetTensor:
+    """Where a stored tensor's bytes land on load: `data` (flat bytes), then `finish()`."""
+
+    value: Any  # the object that goes into the loaded tree
+    data: memoryview
+    copy_back: Any = None  # (destination, staging) when bytes landed in a staging tensor
+    as_scalar: bool = False  # numpy scalars are read into a 0-d array, then unwrapped
+
+    def finish(self) -> Any:
+        """The loaded value, once every byte has landed in `data`."""
+        if self.copy_back is not None:
+            destination, staging = self.copy_back
+            destination.copy_(staging)
+        return self.value[()] if self.as_scalar else self.value
+
+
+def allocate(entry: TensorEntry, path: str, into: Any = None) -> TargetTensor:
+    """Memory for `entry`: the `into` tensor itself when it can take the bytes, else new memory."""
+    if entry.kind == KIND_TORCH:
+        return _allocate_torch(entry, path, into)
+    return _allocate_numpy(entry, path, into)
+
+
+def _allocate_torch(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
+    import torch
+
+    dtype = getattr(torch, entry.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{path}: torch dtype {entry.dtype} is not available in this torch build")
+    if into is not None and isinstance(into, torch.Tensor):
+        if tuple(into.shape) != entry.shape or into.dtype != dtype:
+            raise StateMismatchError(
+                f"{path}: stored tensor is {entry.dtype}{list(entry.shape)}, "
+                f"target is {torch_dtype_name(into.dtype)}{list(into.shape)}"
+            )
+        if into.device.type == "cpu" and into.is_contiguous() and not into.is_conj() and not into.is_neg():
+            # Bytes land straight in the caller's tensor: no second copy of the state.
+            return TargetTensor(into, _byte_view(into.detach()))
+        staging = torch.empty(entry.shape, dtype=dtype)
+        return TargetTensor(into, _byte_view(staging), copy_back=(into.detach(), staging))
+    tensor = torch.empty(entry.shape, dtype=dtype)
+    return TargetTensor(tensor, _byte_view(tensor))
+
+
+def _byte_view(tensor: Any) -> memoryview:
+    import torch
+
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _allocate_numpy(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
+    import math
+
+    import numpy as np
+
+    try:
+        dtype = np.dtype(entry.dtype)
+    except TypeError as exc:
+        raise FormatError(f"{path}: numpy dtype {entry.dtype!r} unknown") from exc
+    if dtype.hasobject or dtype.fields is not None:
+        raise FormatError(f"{path}: numpy dtype {entry.dtype!r} is not allowed")
+    if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
+        raise FormatError(f"{path}: segments hold {entry.nbytes} bytes, shape {list(entry.shape)} of {dtype} needs "
+                          f"{math.prod(entry.shape) * dtype.itemsize}")
+    if (into is not None and isinstance(into, np.ndarray) and entry.kind == KIND_NUMPY
+            and into.dtype == dtype and into.shape == entry.shape and into.flags.c_contiguous and into.flags.writeable):
+        return TargetTensor(into, memoryview(into.reshape(-1).view(np.uint8)))
+    array = np.empty(entry.shape, dtype=dtype)
+    return TargetTensor(array, memoryview(array.reshape(-1).view(np.uint8)), as_scalar=entry.kind == KIND_NUMPY_SCALAR)

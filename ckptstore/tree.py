@@ -1,0 +1,135 @@
+"""State trees <-> msgpack, with tensors replaced by numbered references.
+
+Node encoding (msgpack):
+- dict: map, keys str or int (optimizer state dicts use int keys); dict subclasses such as
+  OrderedDict come back as plain dicts, in the same key order;
+- list: array;  tuple: ext 1 holding a packed array (tuples come back as tuples;
+  namedtuples and torch.Size as plain tuples);
+- int (64-bit), float, bool, None, str, bytes: native (bytearray comes back as bytes);
+- tensor or numpy array: ext 2 holding the tensor's index (u32 big-endian) in the manifest.
+Anything else is an UnsupportedValueError at save time naming its path.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ckptstore.errors import FormatError, UnsupportedValueError
+
+EXT_TUPLE = 1
+EXT_TENSOR = 2
+MAX_DEPTH = 256
+_INDEX = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Placeholder for the manifest's tensor number `index` in a decoded tree."""
+
+    index: int
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    """A tree path as Python subscripts, e.g. state['optim'][0]['exp_avg']."""
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def encode_tree(state: Any, on_tensor: Callable[[tuple[Any, ...], Any], int | None]) -> bytes:
+    """Pack `state`; `on_tensor(path, value)` returns the tensor index, or None if not a tensor."""
+
+    def encode(value: Any, path: tuple[Any, ...]) -> Any:
+        if len(path) > MAX_DEPTH:
+            raise UnsupportedValueError(format_path(path), f"nesting deeper than {MAX_DEPTH} (a cycle?)")
+        if value is None or isinstance(value, (bool, float, str, bytes)):
+            return value
+        if isinstance(value, int):
+            if not -(2**63) <= value < 2**64:
+                raise UnsupportedValueError(format_path(path), f"int {value} does not fit in 64 bits")
+            return int(value)
+        if isinstance(value, bytearray):
+            return bytes(value)
+        if isinstance(value, dict):
+            out = {}
+            for key, item in value.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise UnsupportedValueError(
+                        format_path(path), f"dict key {key!r} of type {type(key).__name__}; keys must be str or int"
+                    )
+                out[key] = encode(item, (*path, key))
+            return out
+        if isinstance(value, list):
+            return [encode(item, (*path, i)) for i, item in enumerate(value)]
+        index = on_tensor(path, value)
+        if index is not None:
+            return msgpack.ExtType(EXT_TENSOR, _INDEX.pack(index))
+        if isinstance(value, tuple):
+            items = [encode(item, (*path, i)) for i, item in enumerate(value)]
+            return msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
+        raise UnsupportedValueError(
+            format_path(path), f"type {type(value).__module__}.{type(value).__qualname__} is not supported"
+        )
+
+    try:
+        return msgpack.packb(encode(state, ()), use_bin_type=True)
+    except RecursionError:
+        raise UnsupportedValueError("state", "nesting too deep") from None
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == EXT_TENSOR:
+        if len(data) != _INDEX.size:
+            raise FormatError("tensor reference of wrong size")
+        return TensorRef(_INDEX.unpack(data)[0])
+    if code == EXT_TUPLE:
+        items = _unpack(data)
+        if not isinstance(items, list):
+            raise FormatError("tuple node does not hold an array")
+        return tuple(items)
+    raise FormatError(f"unknown ext type {code} in state tree")
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
+
+
+def decode_tree(data: bytes) -> Any:
+    """Unpack a tree; tensors come back as TensorRef placeholders. Raises FormatError."""
+    try:
+        return _unpack(data)
+    except FormatError:
+        raise
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise FormatError(f"corrupt state tree: {exc}") from exc
+
+
+def map_tensors(tree: Any, fn: Callable[[tuple[Any, ...], TensorRef], Any]) -> Any:
+    """A copy of `tree` with each TensorRef replaced by `fn(path, ref)`."""
+
+    def walk(node: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(node, TensorRef):
+            return fn(path, node)
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, (*path, i)) for i, v in enumerate(node)]
+        if isinstance(node, tuple):
+            return tuple(walk(v, (*path, i)) for i, v in enumerate(node))
+        return node
+
+    return walk(tree, ())
+
+
+def lookup(tree: Any, path: tuple[Any, ...]) -> Any:
+    """The node at `path` in `tree`, or None when the path does not exist there."""
+    node = tree
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
