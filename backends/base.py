@@ -12,12 +12,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 from ckptstore.errors import ObjectNotFoundError
 
 # Anything the buffer protocol can hand out as bytes.
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def total_length(parts: Sequence[Buffer]) -> int:
 class Backend(abc.ABC):
     """Byte-level key/value storage with conditional puts.
 
-    Contract (checked by `ckptstore.testing.BackendConformance`):
+    Contract (checked by `ckptstore.testing.conformance.BackendConformance`):
     - `put(key, data, mode=CREATE)` raises AlreadyExistsError if the key exists; exactly one
       of many concurrent creators wins.
     - `put(key, data, mode=PutMode.update(v))` raises PreconditionFailedError unless the key

@@ -185,6 +185,9 @@ class LocalBackend(Backend):
             self._ensure_dir(directory)
             tmp_path, version = self._stage(parts)
             try:
+                if not os.path.isdir(directory):  # removed since we cached it (e.g. by a cleanup)
+                    self._known_dirs.discard(directory)
+                    self._ensure_dir(directory)
                 if mode.kind == "create":
                     try:
                         os.link(tmp_path, path)
@@ -228,6 +231,8 @@ class LocalBackend(Backend):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        if base == TMP_DIR or base.startswith(TMP_DIR + "/"):
+            return
         start = os.path.join(self.root, *base.split("/")) if base else self.root
         found: list[tuple[str, os.stat_result]] = []
         stack = [(start, base)]
@@ -239,7 +244,7 @@ class LocalBackend(Backend):
                 continue
             for entry in entries:
                 key = f"{rel}/{entry.name}" if rel else entry.name
-                if key == TMP_DIR:
+                if key == TMP_DIR:  # staging and lock files are never objects, whatever the prefix
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     if key.startswith(prefix) or prefix.startswith(key + "/"):

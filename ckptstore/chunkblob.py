@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from ckptstore.errors import FormatError, UnsupportedFormatError
 
@@ -64,7 +64,7 @@ class ChunkHeader:
 _local = threading.local()
 
 
-def _compressor(level: int):  # type: ignore[no-untyped-def]
+def _compressor(level: int) -> Any:
     # zstd contexts are not thread-safe; keep one per thread and level.
     cache = _local.__dict__.setdefault("compressors", {})
     if level not in cache:
@@ -74,7 +74,7 @@ def _compressor(level: int):  # type: ignore[no-untyped-def]
     return cache[level]
 
 
-def _decompressor():  # type: ignore[no-untyped-def]
+def _decompressor() -> Any:
     if not hasattr(_local, "decompressor"):
         import zstandard
 
@@ -94,11 +94,11 @@ def encode_chunk(raw: memoryview, compression: Compression) -> list[bytes | memo
     return [header, payload]
 
 
-def decode_header(data: bytes | memoryview) -> ChunkHeader:
+def decode_header(data: bytes | bytearray | memoryview) -> ChunkHeader:
     """Parse and check the first HEADER_SIZE bytes of a blob."""
     if len(data) < HEADER_SIZE:
         raise FormatError(f"chunk blob truncated: {len(data)} bytes, header needs {HEADER_SIZE}")
-    magic, version, codec, filt, _flags, raw_length, payload_length = HEADER.unpack_from(data)
+    magic, version, codec, filt, flags, raw_length, payload_length = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FormatError(f"not a chunk blob (magic {bytes(magic)!r})")
     if version != VERSION:
@@ -107,6 +107,8 @@ def decode_header(data: bytes | memoryview) -> ChunkHeader:
         raise UnsupportedFormatError(f"chunk codec {codec} unknown; this reader knows {CODEC_NAMES}")
     if filt != 0:
         raise UnsupportedFormatError(f"chunk filter {filt} unknown")
+    if flags != 0:
+        raise UnsupportedFormatError(f"chunk flags {flags:#x} unknown")
     if codec == CODEC_NONE and payload_length != raw_length:
         raise FormatError(f"uncompressed chunk claims payload {payload_length} != raw {raw_length}")
     return ChunkHeader(codec, filt, raw_length, payload_length)

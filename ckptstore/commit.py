@@ -47,22 +47,23 @@ def commit_ref(backend: Backend, key: str, ref: Ref, *, overwrite: bool) -> Ref:
     Raises StepExistsError (exists, overwrite=False; nothing touched) or CommitConflictError
     (overwrite=True and another writer changed the ref between our read and our put).
     """
+    current = None
     for attempt in range(_AMBIGUOUS_RETRIES + 1):
         try:
             backend.put(key, encode_ref(ref), mode=CREATE)
             return ref
         except AlreadyExistsError:
-            break
+            current = read_ref(backend, key)
+            if current is not None:
+                break
+            # Deleted between our create and our read: the step is free again, try again.
         except TransientError:
             if _landed(backend, key, ref):
                 return ref
             if attempt == _AMBIGUOUS_RETRIES:
                 raise
             time.sleep(0.1 * 2**attempt)
-
-    current = read_ref(backend, key)
     if current is None:
-        # Deleted between our create and our read: someone else changed the step.
         raise CommitConflictError(ref.step, ref.commit_id, None)
     existing, version = current
     if existing.commit_id == ref.commit_id:

@@ -24,14 +24,14 @@ TAG_REFS = "refs/tags/"
 LOCKS = "locks/"
 
 STEP_DIGITS = 20
-MAX_STEP = 10**STEP_DIGITS - 1
+MAX_STEP = 2**64 - 1  # msgpack ints are at most 64 bits; 20 digits hold it
 
 # Keys are plain relative paths of safe characters: no "..", no absolute paths,
 # no empty segments, nothing a filesystem or URL would interpret.
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _HEX = re.compile(r"^[0-9a-f]{16,128}$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_STEP_KEY = re.compile(r"^[0-9]{%d}$" % STEP_DIGITS)
+_STEP_KEY = re.compile(rf"[0-9]{{{STEP_DIGITS}}}")
 
 
 def validate_key(key: str) -> str:
@@ -39,13 +39,13 @@ def validate_key(key: str) -> str:
     if not isinstance(key, str) or not key or len(key) > 1024:
         raise InvalidKeyError(f"invalid key {key!r}")
     for segment in key.split("/"):
-        if not _KEY_SEGMENT.match(segment) or segment in (".", ".."):
+        if not _KEY_SEGMENT.fullmatch(segment) or segment in (".", ".."):
             raise InvalidKeyError(f"invalid key {key!r}: bad segment {segment!r}")
     return key
 
 
 def _fanout(prefix: str, digest_hex: str) -> str:
-    if not _HEX.match(digest_hex):
+    if not isinstance(digest_hex, str) or not _HEX.fullmatch(digest_hex):
         raise InvalidKeyError(f"not a lowercase hex digest: {digest_hex!r}")
     return f"{prefix}{digest_hex[:2]}/{digest_hex}"
 
@@ -63,7 +63,7 @@ def manifest_key(digest_hex: str) -> str:
 def digest_from_key(key: str) -> str:
     """The hex digest at the end of a chunk or manifest key."""
     digest = key.rsplit("/", 1)[-1]
-    if not _HEX.match(digest):
+    if not _HEX.fullmatch(digest):
         raise InvalidKeyError(f"not a content-addressed key: {key!r}")
     return digest
 
@@ -85,12 +85,12 @@ def step_from_ref_key(key: str) -> int | None:
     if not key.startswith(STEP_REFS):
         return None
     tail = key[len(STEP_REFS):]
-    return int(tail) if _STEP_KEY.match(tail) else None
+    return int(tail) if _STEP_KEY.fullmatch(tail) else None
 
 
 def tag_ref_key(name: str) -> str:
     """Key of the named ref `name` (e.g. "best")."""
-    if not isinstance(name, str) or not _TAG.match(name):
+    if not isinstance(name, str) or not _TAG.fullmatch(name):
         raise InvalidKeyError(f"invalid tag name {name!r}: use letters, digits, '.', '_' and '-'")
     return f"{TAG_REFS}{name}"
 

@@ -17,6 +17,7 @@ import msgpack
 from ckptstore.dtypes import KIND_TORCH, KINDS, TORCH_DTYPE_SIZES
 from ckptstore.errors import FormatError, UnsupportedFormatError
 from ckptstore.hashing import algorithms
+from ckptstore.keys import MAX_STEP
 
 FORMAT_VERSION = 1
 MARKER_MAGIC = "ckptstore"
@@ -124,13 +125,15 @@ def decode_ref(data: bytes) -> Ref:
         raise FormatError("ref: field 'replaces' is not a string")
     manifest = _field(obj, "manifest", str, what)
     _check_hex(manifest, what)
+    if replaces is not None:
+        _check_hex(replaces, what)
     return Ref(
         manifest=manifest,
-        step=_field(obj, "step", int, what),
+        step=_int_in(obj.get("step"), 0, MAX_STEP, what),
         committed=float(_field(obj, "committed", (int, float), what)),
         writer=_field(obj, "writer", str, what),
         commit_id=_field(obj, "commit_id", str, what),
-        seq=_field(obj, "seq", int, what),
+        seq=_int_in(obj.get("seq"), 1, 2**63, what),
         replaces=replaces,
     )
 
@@ -225,7 +228,7 @@ def decode_manifest(data: bytes) -> Manifest:
         raise FormatError(f"{what}: {len(raw_tensors)} tensors is over the limit")
     tensors = [_decode_tensor(i, item, chunks) for i, item in enumerate(raw_tensors)]
     return Manifest(
-        step=_int_in(obj.get("step"), 0, 10**20 - 1, what),
+        step=_int_in(obj.get("step"), 0, MAX_STEP, what),
         created=float(_field(obj, "created", (int, float), what)),
         metadata=obj.get("metadata"),
         tree=_field(obj, "tree", bytes, what),

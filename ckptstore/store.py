@@ -6,6 +6,7 @@ A step exists exactly when its ref does, and a ref only ever names a complete ma
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -32,6 +33,7 @@ from ckptstore.errors import (
 )
 from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
 from ckptstore.manifest import (
+    MAX_MANIFEST_BYTES,
     ChunkEntry,
     Manifest,
     Marker,
@@ -93,13 +95,15 @@ class Store:
         compression: Compression | None = None,
         threads: int = DEFAULT_THREADS,
         verify: bool = True,
+        hash_algorithm: str = DEFAULT_ALGORITHM,
     ):
         self.backend = backend
         self.chunking = chunking or ChunkingPolicy()
         self.compression = compression or Compression()
         self.threads = max(1, threads)
         self.verify = verify
-        self.marker = self._open_marker(create)
+        hasher(hash_algorithm)  # reject an unknown name before anything is written
+        self.marker = self._open_marker(create, hash_algorithm)
         self._hash = hasher(self.marker.hash_algorithm)
 
     @property
@@ -119,7 +123,7 @@ class Store:
         """Release the backend's connections."""
         self.backend.close()
 
-    def _open_marker(self, create: bool) -> Marker:
+    def _open_marker(self, create: bool, hash_algorithm: str) -> Marker:
         try:
             return decode_marker(self.backend.get(keys.MARKER).data)
         except ObjectNotFoundError:
@@ -128,7 +132,7 @@ class Store:
                     f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
                     f"save a step there first, or check the URL"
                 ) from None
-        marker = Marker(DEFAULT_ALGORITHM, time.time())
+        marker = Marker(hash_algorithm, time.time())
         try:
             self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
             return marker
@@ -176,15 +180,13 @@ class Store:
         tensors = tuple(
             TensorEntry(src.kind, src.dtype, src.shape,
                         tuple((slot_to_index[slot], offset, length) for slot, offset, length in segs))
-            for src, segs in zip(sources, plan.segments)
+            for src, segs in zip(sources, plan.segments, strict=True)
         )
         manifest = Manifest(step, time.time(), metadata, tree, tensors, tuple(chunks))
         encoded = encode_manifest(manifest)
         manifest_digest = self._hash(encoded)
-        try:
+        with contextlib.suppress(AlreadyExistsError):  # identical manifest already stored
             self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
-        except AlreadyExistsError:
-            pass  # identical manifest already stored (content-addressed)
 
         ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=_writer_identity())
         committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
@@ -213,13 +215,16 @@ class Store:
         found = read_ref(self.backend, keys.step_ref_key(step))
         if found is None:
             raise StepNotFoundError(step, self.url)
+        if found[0].step != step:
+            raise FormatError(f"ref of step {step} names step {found[0].step}: refs are not copied between keys")
         return found[0]
 
     def manifest(self, digest: str) -> Manifest:
         """The manifest stored under `digest`, checked against it."""
         key = keys.manifest_key(digest)
         try:
-            data = self.backend.get(key).data
+            # Bounded read: a hostile object at a manifest key cannot make us allocate more.
+            data = self.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
         except ObjectNotFoundError as exc:
             raise IntegrityError(f"manifest {key} is missing") from exc
         if self.verify and self._hash(data) != digest:
@@ -294,8 +299,13 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     compression: Compression | None = None,
     threads: int = DEFAULT_THREADS,
     verify: bool = True,
+    hash_algorithm: str = DEFAULT_ALGORITHM,
 ) -> Store:
     """Open (and by default create) the store at `url`: a path, file://, or memory://.
+
+    `hash_algorithm` applies only when this call creates the store; an existing store keeps
+    the algorithm its CKPTSTORE marker names. Chunking, compression, threads and verify are
+    this handle's I/O settings and never change what a reader needs.
 
     Raises StoreNotFoundError when `create=False` and no store is there, InvalidURLError
     for a URL ckptstore cannot open, UnsupportedFormatError for a newer store format.
@@ -303,4 +313,4 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     from ckptstore.url import open_backend
 
     return Store(open_backend(url), create=create, chunking=chunking, compression=compression,
-                 threads=threads, verify=verify)
+                 threads=threads, verify=verify, hash_algorithm=hash_algorithm)

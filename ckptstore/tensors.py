@@ -35,6 +35,11 @@ class SourceTensor:
     keepalive: Any
 
 
+def _as_bytes(flat_uint8_array: Any) -> memoryview:
+    """A writable flat byte view of a 1-d uint8 numpy array, sharing its memory."""
+    return memoryview(flat_uint8_array)
+
+
 def _is_torch_tensor(value: Any) -> bool:
     return "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor)
 
@@ -79,7 +84,7 @@ def _describe_torch(tensor: Any, path: str) -> SourceTensor:
     plain = plain.to("cpu").contiguous()
     shape = tuple(plain.shape)
     flat = plain.reshape(-1).view(torch.uint8)
-    return SourceTensor(KIND_TORCH, name, shape, memoryview(flat.numpy()), plain)
+    return SourceTensor(KIND_TORCH, name, shape, _as_bytes(flat.numpy()), plain)
 
 
 def _describe_numpy(value: Any, path: str) -> SourceTensor:
@@ -93,7 +98,7 @@ def _describe_numpy(value: Any, path: str) -> SourceTensor:
         raise UnsupportedValueError(path, f"numpy dtype {array.dtype} is not supported (objects or records)")
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return SourceTensor(kind, array.dtype.str, tuple(array.shape), memoryview(array.reshape(-1).view(np.uint8)), array)
+    return SourceTensor(kind, array.dtype.str, tuple(array.shape), _as_bytes(array.reshape(-1).view(np.uint8)), array)
 
 
 @dataclass
@@ -144,7 +149,7 @@ def _allocate_torch(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
 def _byte_view(tensor: Any) -> memoryview:
     import torch
 
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return _as_bytes(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def _allocate_numpy(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
@@ -156,13 +161,13 @@ def _allocate_numpy(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
         dtype = np.dtype(entry.dtype)
     except TypeError as exc:
         raise FormatError(f"{path}: numpy dtype {entry.dtype!r} unknown") from exc
-    if dtype.hasobject or dtype.fields is not None:
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufcmMSU" or dtype.byteorder == ">":
         raise FormatError(f"{path}: numpy dtype {entry.dtype!r} is not allowed")
     if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
         raise FormatError(f"{path}: segments hold {entry.nbytes} bytes, shape {list(entry.shape)} of {dtype} needs "
                           f"{math.prod(entry.shape) * dtype.itemsize}")
     if (into is not None and isinstance(into, np.ndarray) and entry.kind == KIND_NUMPY
             and into.dtype == dtype and into.shape == entry.shape and into.flags.c_contiguous and into.flags.writeable):
-        return TargetTensor(into, memoryview(into.reshape(-1).view(np.uint8)))
+        return TargetTensor(into, _as_bytes(into.reshape(-1).view(np.uint8)))
     array = np.empty(entry.shape, dtype=dtype)
-    return TargetTensor(array, memoryview(array.reshape(-1).view(np.uint8)), as_scalar=entry.kind == KIND_NUMPY_SCALAR)
+    return TargetTensor(array, _as_bytes(array.reshape(-1).view(np.uint8)), as_scalar=entry.kind == KIND_NUMPY_SCALAR)

@@ -100,11 +100,32 @@ def _unpack(data: bytes) -> Any:
 def decode_tree(data: bytes) -> Any:
     """Unpack a tree; tensors come back as TensorRef placeholders. Raises FormatError."""
     try:
-        return _unpack(data)
+        tree = _unpack(data)
     except FormatError:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise FormatError(f"corrupt state tree: {exc}") from exc
+    _check_nodes(tree, 0)
+    return tree
+
+
+_LEAVES = (type(None), bool, int, float, str, bytes, TensorRef)
+
+
+def _check_nodes(node: Any, depth: int) -> None:
+    """Reject what a writer never produces (float or bytes keys, msgpack timestamps, ...)."""
+    if depth > MAX_DEPTH:
+        raise FormatError(f"state tree nested deeper than {MAX_DEPTH}")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise FormatError(f"state tree has a {type(key).__name__} dict key")
+            _check_nodes(value, depth + 1)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _check_nodes(value, depth + 1)
+    elif not isinstance(node, _LEAVES):
+        raise FormatError(f"state tree holds a {type(node).__name__}")
 
 
 def map_tensors(tree: Any, fn: Callable[[tuple[Any, ...], TensorRef], Any]) -> Any:

@@ -1,0 +1,122 @@
+"""Multi-process scenarios shared by the tests of every backend: commit races and crashes.
+
+Workers run in fresh interpreters (multiprocessing "spawn", or `python -m` for the crash
+saver), so they behave like separate trainer processes: no shared memory, no shared locks.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ckptstore
+
+
+def state_for(tag: int, *, elements: int = 4096) -> dict[str, Any]:
+    """A deterministic state whose every tensor and value encodes `tag`.
+
+    Two different tags share no chunk, so a loaded state that mixes writers is detectable:
+    `tag_of(state)` raises unless every part agrees.
+    """
+    import torch
+
+    base = torch.arange(elements, dtype=torch.float32)
+    return {
+        "model": {"w": base + tag, "b": torch.full((17,), float(tag), dtype=torch.bfloat16)},
+        "optim": {0: {"exp_avg": base * 0 + tag * 2, "step": tag}},
+        "tag": tag,
+    }
+
+
+def tag_of(state: dict[str, Any]) -> int:
+    """The tag `state` was built from; AssertionError if its parts disagree (a torn read)."""
+    import torch
+
+    tag = state["tag"]
+    expected = state_for(tag, elements=state["model"]["w"].numel())
+    assert state["optim"][0]["step"] == tag, "optimizer step from another writer"
+    for path in (("model", "w"), ("model", "b")):
+        got, want = state[path[0]][path[1]], expected[path[0]][path[1]]
+        assert got.dtype == want.dtype and torch.equal(got, want), f"tensor {path} from another writer"
+    assert torch.equal(state["optim"][0]["exp_avg"], expected["optim"][0]["exp_avg"]), "exp_avg torn"
+    return int(tag)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one worker saw in one round: 'won' or the name of the error it got."""
+
+    worker: int
+    round: int
+    tag: int
+    result: str
+
+
+def _race_worker(url: str, worker: int, rounds: int, overwrite: bool, first_step: int,
+                 barrier: Any, queue: Any) -> None:
+    store = ckptstore.open(url)
+    for r in range(rounds):
+        tag = (r + 1) * 1000 + worker
+        state = state_for(tag)
+        barrier.wait(timeout=120)
+        try:
+            store.save(first_step + r, state, overwrite=overwrite)
+            result = "won"
+        except ckptstore.CkptStoreError as exc:
+            result = type(exc).__name__
+        except Exception as exc:  # reported, and the test fails on it
+            result = f"untyped {type(exc).__name__}: {exc}"
+        queue.put(Outcome(worker, r, tag, result))
+    store.close()
+
+
+def race_commit(url: str, *, processes: int = 8, rounds: int = 1, overwrite: bool = False,
+                first_step: int = 0, timeout: float = 600) -> list[list[Outcome]]:
+    """`processes` processes commit the same step at once, `rounds` times; outcomes per round."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_race_worker, args=(url, w, rounds, overwrite, first_step, barrier, queue))
+               for w in range(processes)]
+    for p in workers:
+        p.start()
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < processes * rounds:
+        outcomes.append(queue.get(timeout=max(1.0, deadline - time.monotonic())))
+    for p in workers:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"race worker exited with {p.exitcode}")
+    return [sorted((o for o in outcomes if o.round == r), key=lambda o: o.worker) for r in range(rounds)]
+
+
+def crash_saver(url: str, first_step: int, overwrite_every: int) -> None:
+    """Save steps first_step, first_step+1, ... forever (until killed), printing each commit.
+
+    Every `overwrite_every`-th save instead overwrites the previous step with a new tag, so a
+    kill can land in the middle of an overwrite too. Each printed line is "<step> <tag>".
+    """
+    store = ckptstore.open(url, chunking=ckptstore.ChunkingPolicy(chunk_size=64 << 10, small_tensor_limit=1024,
+                                                                  pack_size=4096))
+    step = first_step
+    n = 0
+    while True:
+        n += 1
+        if overwrite_every and n % overwrite_every == 0 and step > first_step:
+            target, tag, overwrite = step - 1, 10_000_000 + n, True
+        else:
+            target, tag, overwrite = step, step, False
+            step += 1
+        store.save(target, state_for(tag, elements=64 * 1024), overwrite=overwrite)
+        print(f"{target} {tag}", flush=True)
+
+
+if __name__ == "__main__":  # python -m ckptstore.testing.scenarios crash-saver URL FIRST OVERWRITE_EVERY
+    if len(sys.argv) == 5 and sys.argv[1] == "crash-saver":
+        crash_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m ckptstore.testing.scenarios crash-saver URL FIRST_STEP OVERWRITE_EVERY")

@@ -1,0 +1,244 @@
+"""The commit protocol: step exists, overwrite, conflicts, ambiguous puts, readers during overwrite."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import keys
+from ckptstore.backends.base import Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.memory import MemoryBackend, drop_memory_space
+from ckptstore.commit import commit_ref, read_ref
+from ckptstore.manifest import Ref, encode_ref
+from ckptstore.testing.scenarios import state_for, tag_of
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    if request.param == "local":
+        yield str(tmp_path / "store")
+    else:
+        name = uuid.uuid4().hex
+        yield f"memory://{name}"
+        drop_memory_space(name)
+
+
+def test_olmo_scenario_save_exists_then_overwrite(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    store.save(0, state_for(1))
+    with pytest.raises(ckptstore.StepExistsError) as caught:
+        store.save(0, state_for(2))
+    message = str(caught.value)
+    assert "step 0 already exists" in message and "overwrite=True" in message and "UTC" in message
+    assert caught.value.step == 0
+    assert tag_of(store.load(0)) == 1, "a refused save must leave the committed step untouched"
+
+    info = store.save(0, state_for(2), overwrite=True)
+    assert info.seq == 2 and info.replaced is not None
+    assert tag_of(ckptstore.open(store_url).load(0)) == 2
+    assert store.steps() == [0]
+
+
+def test_overwrite_of_missing_step_is_a_plain_create(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    info = store.save(5, state_for(5), overwrite=True)
+    assert info.seq == 1 and info.replaced is None
+    assert tag_of(store.load(5)) == 5
+
+
+def test_reader_during_overwrites_sees_old_or_new_never_a_mix(store_url: str) -> None:
+    store = ckptstore.open(store_url, chunking=ckptstore.ChunkingPolicy(chunk_size=4096, small_tensor_limit=64,
+                                                                        pack_size=256))
+    store.save(0, state_for(0))
+    stop = threading.Event()
+    written: list[int] = [0]
+    errors: list[BaseException] = []
+
+    def overwrite() -> None:
+        try:
+            for tag in range(1, 30):
+                store.save(0, state_for(tag), overwrite=True)
+                written.append(tag)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    writer = threading.Thread(target=overwrite)
+    writer.start()
+    seen = []
+    while not stop.is_set():
+        seen.append(tag_of(store.load(0)))  # raises if tensors come from different saves
+    writer.join()
+    assert not errors
+    assert set(seen) <= set(written) and len(seen) > 0
+    assert tag_of(store.load(0)) == 29
+
+
+def test_step_numbers_are_validated(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    for bad in (-1, 10**20, 1.5, True, "3"):
+        with pytest.raises(ValueError):
+            store.save(bad, {})  # type: ignore[arg-type]
+
+
+def test_missing_steps_raise_step_not_found(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    with pytest.raises(ckptstore.StepNotFoundError):
+        store.load()
+    with pytest.raises(ckptstore.StepNotFoundError):
+        store.load(3)
+    with pytest.raises(ckptstore.StepNotFoundError):
+        store.delete(3)
+    assert store.latest() is None and store.steps() == []
+
+
+def test_delete_removes_only_the_ref(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    store.save(1, state_for(1))
+    store.save(2, state_for(2))
+    chunks_before = sorted(o.key for o in store.backend.list(keys.CHUNKS))
+    store.delete(1)
+    assert store.steps() == [2] and store.latest() == 2
+    assert sorted(o.key for o in store.backend.list(keys.CHUNKS)) == chunks_before
+    assert tag_of(store.load()) == 2
+
+
+def test_steps_sort_numerically(store_url: str) -> None:
+    store = ckptstore.open(store_url)
+    for step in (100, 9, 10**19, 0, 11):
+        store.save(step, {"s": step})
+    assert store.steps() == [0, 9, 11, 100, 10**19]
+    assert store.load() == {"s": 10**19}
+
+
+def test_open_without_create_does_not_create(tmp_path) -> None:
+    target = tmp_path / "nothing-here"
+    with pytest.raises(ckptstore.StoreNotFoundError):
+        ckptstore.open(target, create=False)
+    assert not target.exists()
+
+
+# -- integrity ------------------------------------------------------------------------------
+def test_corrupt_chunk_raises_integrity_error_naming_step_tensor_and_key(tmp_path) -> None:
+    store = ckptstore.open(tmp_path / "s")
+    store.save(3, {"big": torch.arange(1 << 20, dtype=torch.float32)})
+    (chunk,) = [o.key for o in store.backend.list(keys.CHUNKS)]
+    path = tmp_path / "s" / chunk
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckptstore.IntegrityError) as caught:
+        store.load(3)
+    message = str(caught.value)
+    assert "step 3" in message and "['big']" in message and chunk in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])
+def test_damaged_chunks_are_integrity_errors(tmp_path, damage: str) -> None:
+    store = ckptstore.open(tmp_path / "s", compression=ckptstore.Compression("zstd"))
+    store.save(1, {"a": torch.zeros(1000), "b": torch.ones(10)})
+    for info in store.backend.list(keys.CHUNKS):
+        path = tmp_path / "s" / info.key
+        if damage == "truncate":
+            path.write_bytes(path.read_bytes()[: info.size // 2])
+        elif damage == "delete":
+            path.unlink()
+        else:
+            path.write_bytes(b"\x00" * info.size)
+    with pytest.raises(ckptstore.IntegrityError, match="step 1"):
+        store.load(1)
+
+
+def test_corrupt_manifest_raises_integrity_error(tmp_path) -> None:
+    store = ckptstore.open(tmp_path / "s")
+    info = store.save(1, {"a": torch.zeros(4)})
+    path = tmp_path / "s" / keys.manifest_key(info.manifest)
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ckptstore.IntegrityError, match="manifest"):
+        store.load(1)
+
+
+# -- ambiguous outcomes, with a backend that applies a put and then reports a failure -------
+class ApplyThenFail(Backend):
+    """Wraps a backend; the next ref put of mode kind `on` lands, then raises `error`:
+    TransientError (a timed-out request whose write reached the server) or
+    PreconditionFailedError (an SDK retry of a put whose first attempt had landed)."""
+
+    def __init__(self, inner: Backend, error: type[Exception], on: str = "create"):
+        self.inner, self.error, self.on, self.armed, self.url = inner, error, on, True, inner.url
+
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = PutMode.OVERWRITE) -> str:
+        version = self.inner.put(key, data, mode=mode)
+        if self.armed and key.startswith(keys.STEP_REFS) and mode.kind == self.on:
+            self.armed = False
+            raise self.error("injected after the put landed", key=key, operation="put")
+        return version
+
+    def get(self, key: str) -> GetResult:
+        return self.inner.get(key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self.inner.get_range(key, start, length)
+
+    def head(self, key: str) -> ObjectInfo:
+        return self.inner.head(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+
+def _ref(step: int) -> Ref:
+    return Ref(manifest="ab" * 32, step=step, committed=1.0, writer="test")
+
+
+def test_ambiguous_create_that_landed_is_a_success_not_step_exists() -> None:
+    backend = ApplyThenFail(MemoryBackend(uuid.uuid4().hex), ckptstore.TransientError)
+    ref = _ref(1)
+    assert commit_ref(backend, keys.step_ref_key(1), ref, overwrite=False) == ref
+    stored = read_ref(backend, keys.step_ref_key(1))
+    assert stored is not None and stored[0].commit_id == ref.commit_id and stored[0].seq == 1
+
+
+@pytest.mark.parametrize("error", [ckptstore.TransientError, ckptstore.PreconditionFailedError])
+def test_ambiguous_replace_that_landed_is_a_success_not_a_conflict(error: type[Exception]) -> None:
+    inner = MemoryBackend(uuid.uuid4().hex)
+    key = keys.step_ref_key(1)
+    first = commit_ref(inner, key, _ref(1), overwrite=False)
+    second = commit_ref(ApplyThenFail(inner, error, on="update"), key, _ref(1), overwrite=True)
+    stored = read_ref(inner, key)
+    assert stored is not None and stored[0].commit_id == second.commit_id
+    assert second.seq == 2 and second.replaces == first.manifest
+
+
+def test_concurrent_replace_between_read_and_put_is_a_conflict() -> None:
+    inner = MemoryBackend(uuid.uuid4().hex)
+    key = keys.step_ref_key(1)
+    commit_ref(inner, key, _ref(1), overwrite=False)
+    intruder = _ref(1)
+
+    class Interleaved(ApplyThenFail):
+        def get(self, k: str) -> GetResult:
+            result = self.inner.get(k)
+            if self.armed and k == key:  # someone else commits right after our read
+                self.armed = False
+                current = read_ref(self.inner, key)
+                assert current is not None
+                self.inner.put(key, encode_ref(intruder), mode=PutMode.update(current[1]))
+            return result
+
+    backend = Interleaved(inner, ckptstore.TransientError)
+    with pytest.raises(ckptstore.CommitConflictError) as caught:
+        commit_ref(backend, key, _ref(1), overwrite=True)
+    assert caught.value.their_commit == intruder.commit_id
+    assert intruder.commit_id in str(caught.value)
+    stored = read_ref(inner, key)
+    assert stored is not None and stored[0].commit_id == intruder.commit_id, "the winner must not be clobbered"
