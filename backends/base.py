@@ -81,6 +81,9 @@ class Backend(abc.ABC):
 
     #: URL this backend was opened from, without credentials.
     url: str = ""
+    #: Whether a store must prove, on open, that this backend enforces conditional puts
+    #: (remote servers differ; local and memory enforce them by construction).
+    needs_canary: bool = False
 
     @abc.abstractmethod
     def get(self, key: str) -> GetResult:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptstore import errors
+from ckptstore.url import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 0, 1, 2, 3, 4
 
@@ -155,6 +156,40 @@ def _brief(steps: list[int]) -> str:
     return ", ".join(map(str, steps)) if len(steps) <= 6 else f"{steps[0]} ... {steps[-1]}"
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import ckptstore
+    from ckptstore.canary import run_canary
+    from ckptstore.url import open_backend
+
+    backend = open_backend(args.url)
+    try:
+        report = run_canary(backend)
+    finally:
+        backend.close()
+    checks = {
+        "create_only_enforced": report.create_only_enforced,
+        "update_if_version_enforced": report.update_if_version_enforced,
+        "update_if_version_works": report.update_if_version_works,
+    }
+    try:
+        with ckptstore.open(args.url, create=False) as store:
+            store_info: dict[str, Any] = {"store": True, "format": store.marker.version,
+                                          "hash": store.marker.hash_algorithm, "steps": len(store.steps())}
+    except errors.StoreNotFoundError:
+        store_info = {"store": False}
+    if args.json:
+        _print_json({"url": report.url, "ok": report.ok, **checks, **store_info})
+    else:
+        for name, held in checks.items():
+            print(f"{'ok  ' if held else 'FAIL'}  {name.replace('_', ' ')}")
+        if store_info["store"]:
+            print(f"store: format {store_info['format']}, hash {store_info['hash']}, {store_info['steps']} steps")
+        else:
+            print("no store here yet (the first save creates it)")
+        print("safe to commit here" if report.ok else "NOT safe: the server ignores conditional writes")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptstore.demo import run_demo
 
@@ -165,7 +200,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptstore",
-        description="Checkpoint store for ML training. A URL is a local path, file:///path or memory://name.",
+        description="Checkpoint store for ML training. A URL is a local path, file:///path, s3://bucket/prefix "
+                    "(?endpoint=URL&region=R&profile=P), gs://bucket/prefix (?project=P) or memory://name.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 step exists or commit conflict.",
     )
     from ckptstore import __version__
@@ -195,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--json", action="store_true", help="print JSON for scripts")
     rm.set_defaults(run=cmd_rm)
 
+    doctor = sub.add_parser("doctor", help="check that the server enforces conditional writes",
+                            description="Write a scratch object under locks/ and check that create-only and "
+                                        "update-if-version puts are enforced (the commit relies on both), then "
+                                        "describe the store. Exit 0 when safe, 1 when not.")
+    doctor.add_argument("url", help="store URL or path")
+    doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
+    doctor.set_defaults(run=cmd_doctor)
+
     demo = sub.add_parser("demo", help="train a tiny model, save, overwrite, resume (needs torch)",
                           description="Train a tiny model on CPU, saving every step into DIR; show the "
                                       "StepExistsError, an atomic overwrite, a resume, and the listing.")
@@ -215,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptstore {args.command}: {exc}", file=sys.stderr)
         return EXIT_EXISTS
     except errors.CkptStoreError as exc:
-        print(f"ckptstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        where = f" {redact(args.url)}" if getattr(args, "url", None) else ""
+        print(f"ckptstore {args.command}{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

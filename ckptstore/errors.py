@@ -8,7 +8,8 @@ The tree::
     │   ├── AlreadyExistsError        create-only put found the key present
     │   ├── PreconditionFailedError   update-if-version found another version (or no object)
     │   ├── TransientError            retryable: throttling, 5xx, timeouts, resets
-    │   └── PermissionDeniedError     credentials or bucket policy refused the operation
+    │   ├── PermissionDeniedError     credentials or bucket policy refused the operation
+    │   └── ConditionalWritesUnsupportedError  the server ignores create-only or compare-and-swap
     ├── StoreNotFoundError            a URL points at no store and create=False
     ├── InvalidKeyError               a key that could escape the root or is malformed
     ├── InvalidURLError               a store URL ckptstore cannot open
@@ -65,6 +66,10 @@ class TransientError(BackendError):
 
 class PermissionDeniedError(BackendError):
     """The server refused the operation for these credentials."""
+
+
+class ConditionalWritesUnsupportedError(BackendError):
+    """The server accepted a conditional put it should have refused: commits would be unsafe."""
 
 
 class StoreNotFoundError(CkptStoreError):

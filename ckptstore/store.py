@@ -11,6 +11,7 @@ import getpass
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import msgpack
 
 from ckptstore import keys
 from ckptstore.backends.base import CREATE, Backend
+from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import Compression
 from ckptstore.chunking import ChunkingPolicy, plan_chunks
 from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
@@ -132,6 +134,7 @@ class Store:
                     f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
                     f"save a step there first, or check the URL"
                 ) from None
+        ensure_conditional_writes(self.backend)  # creating the marker is a create-only put too
         marker = Marker(hash_algorithm, time.time())
         try:
             self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
@@ -151,6 +154,7 @@ class Store:
 
         started = time.perf_counter()
         keys.check_step(step)
+        ensure_conditional_writes(self.backend)
         try:
             msgpack.packb(metadata, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -300,17 +304,19 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     threads: int = DEFAULT_THREADS,
     verify: bool = True,
     hash_algorithm: str = DEFAULT_ALGORITHM,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Open (and by default create) the store at `url`: a path, file://, or memory://.
 
     `hash_algorithm` applies only when this call creates the store; an existing store keeps
     the algorithm its CKPTSTORE marker names. Chunking, compression, threads and verify are
-    this handle's I/O settings and never change what a reader needs.
+    this handle's I/O settings and never change what a reader needs. `storage_options` are
+    keyword arguments of the backend (e.g. S3: endpoint_url, region, profile; GCS: project).
 
     Raises StoreNotFoundError when `create=False` and no store is there, InvalidURLError
     for a URL ckptstore cannot open, UnsupportedFormatError for a newer store format.
     """
     from ckptstore.url import open_backend
 
-    return Store(open_backend(url), create=create, chunking=chunking, compression=compression,
+    return Store(open_backend(url, storage_options, threads=threads), create=create, chunking=chunking, compression=compression,
                  threads=threads, verify=verify, hash_algorithm=hash_algorithm)

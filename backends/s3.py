@@ -1,0 +1,295 @@
+"""Amazon S3 and S3-compatible servers (MinIO, SeaweedFS), through boto3.
+
+Put modes on the wire:
+- create-only: PutObject with `If-None-Match: *` (412 = exists);
+- update-if-version: PutObject with `If-Match: <ETag exactly as returned>` (412, or 404
+  when the key vanished = precondition failed; 409 ConditionalRequestConflict = another
+  conditional write in flight: retried, then precondition failed);
+- overwrite: plain PutObject.
+Objects above `multipart_threshold` go up as multipart uploads, unconditionally: only
+content-addressed chunks are that large, and conditional multipart completion is not
+atomic on every server (SeaweedFS). The store relies on conditional puts only for refs and
+the marker, which are always single-request puts; a conditional put above the threshold is
+refused rather than silently downgraded.
+
+Versions are ETags. An ETag of a single-part upload is the MD5 of the body, so identical
+bytes get identical versions: the store makes every ref payload unique (commit id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    ObjectNotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    TransientError,
+)
+from ckptstore.keys import validate_key
+
+MiB = 1 << 20
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+DEFAULT_PART_SIZE = 16 * MiB
+# A 409 ConditionalRequestConflict means another conditional write to the key is in flight;
+# AWS asks clients to retry. After this many tries it is reported as a lost precondition.
+_CONFLICT_RETRIES = 4
+
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_PERMISSION_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+                     "InvalidToken", "ExpiredToken", "AccountProblem", "401", "Unauthorized"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "RequestLimitExceeded",
+                    "TooManyRequests", "429"}
+
+
+def _error_code(exc: Any) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+@contextlib.contextmanager
+def translate_errors(key: str, operation: str, mode: PutMode | None = None) -> Iterator[None]:
+    """Map boto3/botocore failures to ckptstore's typed errors, in this one place."""
+    from botocore import exceptions as bex
+
+    try:
+        yield
+    except bex.ClientError as exc:
+        code, status = _error_code(exc)
+        if status == 412 or code == "PreconditionFailed":
+            if mode is not None and mode.kind == "create":
+                raise AlreadyExistsError("object exists", key=key, operation=operation) from exc
+            raise PreconditionFailedError("version changed", key=key, operation=operation) from exc
+        if code == "NoSuchBucket":
+            raise BackendError("the bucket does not exist", key=key, operation=operation) from exc
+        if code in _NOT_FOUND_CODES or status == 404:
+            if mode is not None and mode.kind == "update":
+                # AWS and moto answer If-Match on a missing key with 404 (SeaweedFS with 412).
+                raise PreconditionFailedError("object vanished", key=key, operation=operation) from exc
+            raise ObjectNotFoundError("no such object", key=key, operation=operation) from exc
+        if code in _PERMISSION_CODES or status in (401, 403):
+            raise PermissionDeniedError(f"access denied ({code or status})", key=key, operation=operation) from exc
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            raise TransientError(f"server busy or failing ({code or status})", key=key, operation=operation) from exc
+        raise BackendError(f"S3 error {code or status}", key=key, operation=operation) from exc
+    except bex.NoCredentialsError as exc:
+        raise PermissionDeniedError(
+            "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or an instance role)",
+            key=key, operation=operation) from exc
+    except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
+            bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError) as exc:
+        raise TransientError(f"connection failed: {type(exc).__name__}", key=key, operation=operation) from exc
+    except bex.BotoCoreError as exc:
+        raise BackendError(f"S3 client error: {type(exc).__name__}", key=key, operation=operation) from exc
+
+
+def _join(parts: Sequence[Buffer]) -> bytes | memoryview:
+    if len(parts) == 1:
+        return parts[0] if isinstance(parts[0], bytes) else memoryview(parts[0]).cast("B")
+    return b"".join(memoryview(p).cast("B") for p in parts)
+
+
+class S3Backend(Backend):
+    """Objects under `s3://bucket/prefix`."""
+
+    needs_canary = True
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        client: Any = None,
+        threads: int = 4,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_attempts: int = 5,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self._client = client or self._make_client(endpoint_url, region, profile, threads, max_attempts,
+                                                   connect_timeout, read_timeout)
+
+    @staticmethod
+    def _make_client(endpoint_url: str | None, region: str | None, profile: str | None, threads: int,
+                     max_attempts: int, connect_timeout: float, read_timeout: float) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        # boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself; we only need to know
+        # whether a custom endpoint is in play, because those need path-style addressing.
+        custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        session = boto3.session.Session(profile_name=profile)
+        config = Config(
+            region_name=region or session.region_name or "us-east-1",
+            max_pool_connections=max(10, 2 * threads + 2),
+            # "standard" retries throttling, 5xx and connection errors with exponential
+            # backoff and jitter. A retried conditional put may already have landed: the
+            # store resolves that by re-reading the ref (ckptstore.commit).
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3={"addressing_style": "path"} if custom_endpoint else None,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return session.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def _name(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _key(self, name: str) -> str:
+        return name[len(self.prefix) + 1:] if self.prefix else name
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, key: str) -> GetResult:
+        with translate_errors(key, "get"):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._name(key))
+            return GetResult(response["Body"].read(), response["ETag"])
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            self.head(key)  # still report a missing key
+            return b""
+        with translate_errors(key, "get_range"):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=self._name(key),
+                                                   Range=f"bytes={start}-{start + length - 1}")
+            except Exception as exc:
+                if _error_code(exc)[0] == "InvalidRange":  # start at or past the end
+                    self.head(key)
+                    return b""
+                raise
+            return response["Body"].read()
+
+    def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+        wanted = sum(b.nbytes for b in buffers)
+        if wanted == 0:
+            return 0
+        with translate_errors(key, "read_into"):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=self._name(key),
+                                                   Range=f"bytes={start}-{start + wanted - 1}")
+            except Exception as exc:
+                if _error_code(exc)[0] == "InvalidRange":
+                    self.head(key)
+                    return 0
+                raise
+            body = response["Body"]
+            total = 0
+            try:
+                for buffer in buffers:
+                    view = buffer.cast("B")
+                    while view.nbytes:  # straight from the socket into the caller's memory
+                        n = body.readinto(view)
+                        if not n:
+                            return total
+                        total += n
+                        view = view[n:]
+            finally:
+                body.close()
+            return total
+
+    def head(self, key: str) -> ObjectInfo:
+        with translate_errors(key, "head"):
+            response = self._client.head_object(Bucket=self.bucket, Key=self._name(key))
+            return ObjectInfo(key, int(response["ContentLength"]), response["ETag"],
+                              response["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        with translate_errors(prefix, "list"):
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", ()):
+                    yield ObjectInfo(self._key(item["Key"]), int(item["Size"]), item["ETag"],
+                                     item["LastModified"].timestamp())
+
+    # -- writes --------------------------------------------------------------------------
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
+        name = self._name(key)
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        size = sum(memoryview(p).nbytes for p in parts)
+        operation = f"put {mode.kind}"
+        if size > self.multipart_threshold:
+            if mode.kind == "update":
+                raise ValueError(f"conditional put of {size} bytes exceeds the single-request limit; "
+                                 f"refs are small, so this is a caller bug ({key!r})")
+            if mode.kind == "create" and self.exists(key):
+                # Only content-addressed chunks are this large: an existing one holds these bytes.
+                raise AlreadyExistsError("object exists", key=key, operation=operation)
+            return self._put_multipart(key, name, parts)
+        conditions: dict[str, str] = {}
+        if mode.kind == "create":
+            conditions["IfNoneMatch"] = "*"
+        elif mode.kind == "update":
+            assert mode.version is not None
+            conditions["IfMatch"] = mode.version
+        body = _join(parts)
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            with translate_errors(key, operation, mode):
+                try:
+                    response = self._client.put_object(Bucket=self.bucket, Key=name, Body=bytes(body)
+                                                       if isinstance(body, memoryview) else body, **conditions)
+                    return str(response["ETag"])
+                except Exception as exc:
+                    code, status = _error_code(exc)
+                    if (status == 409 or code == "ConditionalRequestConflict") and conditions:
+                        if attempt < _CONFLICT_RETRIES:
+                            time.sleep(0.05 * 2**attempt)
+                            continue
+                        if mode.kind == "create":
+                            raise AlreadyExistsError("concurrent conditional write", key=key,
+                                                     operation=operation) from exc
+                        raise PreconditionFailedError("concurrent conditional write", key=key,
+                                                      operation=operation) from exc
+                    raise
+        raise AssertionError("unreachable")
+
+    def _put_multipart(self, key: str, name: str, parts: Sequence[Buffer]) -> str:
+        body = memoryview(_join(parts)).cast("B")
+        operation = "put multipart"
+        with translate_errors(key, operation):
+            upload = self._client.create_multipart_upload(Bucket=self.bucket, Key=name)
+            upload_id = upload["UploadId"]
+            try:
+                done = []
+                for number, start in enumerate(range(0, body.nbytes, self.part_size), start=1):
+                    piece = body[start:start + self.part_size]
+                    response = self._client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id,
+                                                        PartNumber=number, Body=bytes(piece))
+                    done.append({"PartNumber": number, "ETag": response["ETag"]})
+                result = self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done})
+                return str(result["ETag"])
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+                raise
+
+    def delete(self, key: str) -> None:
+        with translate_errors(key, "delete"):
+            self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.close()
