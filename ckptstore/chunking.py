@@ -50,13 +50,15 @@ def plan_chunks(tensor_sizes: list[int], policy: ChunkingPolicy) -> ChunkPlan:
     chunks: list[PlannedChunk] = []
     segments: list[list[tuple[int, int, int]]] = []
     pack: PlannedChunk | None = None
+    pack_slot = -1  # the open pack's slot: large tensors may have been appended after it
     for index, size in enumerate(tensor_sizes):
         tensor_segments: list[tuple[int, int, int]] = []
         if 0 < size < policy.small_tensor_limit:
             if pack is None or pack.size + size > policy.pack_size:
                 pack = PlannedChunk()
+                pack_slot = len(chunks)
                 chunks.append(pack)
-            tensor_segments.append((len(chunks) - 1, pack.size, size))
+            tensor_segments.append((pack_slot, pack.size, size))
             pack.pieces.append((index, 0, size))
             pack.size += size
         else:

@@ -7,6 +7,8 @@ format is little-endian: big-endian hosts are not supported.
 
 from __future__ import annotations
 
+import re
+
 # name -> bytes per element, for every torch dtype with a plain byte representation.
 # Sub-byte "shell" dtypes (uint1..7, int1..7, bits*, float4_e2m1fn_x2) occupy one byte
 # per element in torch and are stored as such.
@@ -30,6 +32,20 @@ KIND_TORCH = "torch"
 KIND_NUMPY = "numpy"
 KIND_NUMPY_SCALAR = "numpy-scalar"
 KINDS = (KIND_TORCH, KIND_NUMPY, KIND_NUMPY_SCALAR)
+
+
+# numpy dtype strings a writer produces: little-endian or byte-order-free numbers, bools,
+# complex, datetimes/timedeltas with a plain unit, fixed-size bytes and unicode. Anything
+# else is refused before numpy parses it: np.dtype() itself crashes on some strings.
+_NUMPY_DTYPE = re.compile(
+    r"[<|](?:b1|[iu][1248]|f(?:2|4|8|16)|c(?:8|16|32)|[mM]8(?:\[(?:Y|M|W|D|h|m|s|ms|us|ns|ps|fs|as)\])?"
+    r"|S[0-9]{1,9}|U[0-9]{1,9})"
+)
+
+
+def numpy_dtype_allowed(dtype: str) -> bool:
+    """Whether `dtype` (numpy's dtype.str) is one the format stores."""
+    return isinstance(dtype, str) and _NUMPY_DTYPE.fullmatch(dtype) is not None
 
 
 def element_size(kind: str, dtype: str) -> int | None:

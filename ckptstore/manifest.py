@@ -31,6 +31,7 @@ MAX_TENSORS = 10_000_000
 MAX_DIMS = 64
 MAX_CHUNK_BYTES = 1 << 40
 MAX_TENSOR_BYTES = 1 << 50
+MAX_TIMESTAMP = 10**11
 
 
 def _pack(obj: Any) -> bytes:
@@ -58,6 +59,14 @@ def _field(obj: dict[str, Any], name: str, types: type | tuple[type, ...], what:
     if not isinstance(value, types):
         raise FormatError(f"{what}: field {name!r} has type {type(value).__name__}")
     return value
+
+
+def _time(obj: dict[str, Any], name: str, what: str) -> float:
+    """A Unix timestamp field: finite, from 1970 to year ~5000 (so it can be formatted)."""
+    value = _field(obj, name, (int, float), what)
+    if not (math.isfinite(value) and 0 <= value < MAX_TIMESTAMP):
+        raise FormatError(f"{what}: field {name!r} is not a plausible Unix time: {value!r}")
+    return float(value)
 
 
 def _check_version(obj: dict[str, Any], supported: int, what: str) -> None:
@@ -93,7 +102,7 @@ def decode_marker(data: bytes) -> Marker:
     algorithm = _field(obj, "hash", str, what)
     if algorithm not in algorithms():
         raise UnsupportedFormatError(f"{what}: hash algorithm {algorithm!r} unknown; known: {algorithms()}")
-    return Marker(algorithm, float(_field(obj, "created", (int, float), what)))
+    return Marker(algorithm, _time(obj, "created", what))
 
 
 # -- refs ---------------------------------------------------------------------------------
@@ -130,7 +139,7 @@ def decode_ref(data: bytes) -> Ref:
     return Ref(
         manifest=manifest,
         step=_int_in(obj.get("step"), 0, MAX_STEP, what),
-        committed=float(_field(obj, "committed", (int, float), what)),
+        committed=_time(obj, "committed", what),
         writer=_field(obj, "writer", str, what),
         commit_id=_field(obj, "commit_id", str, what),
         seq=_int_in(obj.get("seq"), 1, 2**63, what),
@@ -229,7 +238,7 @@ def decode_manifest(data: bytes) -> Manifest:
     tensors = [_decode_tensor(i, item, chunks) for i, item in enumerate(raw_tensors)]
     return Manifest(
         step=_int_in(obj.get("step"), 0, MAX_STEP, what),
-        created=float(_field(obj, "created", (int, float), what)),
+        created=_time(obj, "created", what),
         metadata=obj.get("metadata"),
         tree=_field(obj, "tree", bytes, what),
         tensors=tuple(tensors),
@@ -263,6 +272,8 @@ def _decode_tensor(i: int, item: Any, chunks: list[ChunkEntry]) -> TensorEntry:
             raise FormatError(f"{what}: segment [{offset}, {offset + length}) past chunk end {chunks[index].raw_size}")
         checked.append((index, offset, length))
         total += length
+    if total > MAX_TENSOR_BYTES:
+        raise FormatError(f"{what}: {total} bytes is over the {MAX_TENSOR_BYTES}-byte limit per tensor")
     if kind == KIND_TORCH:
         expected = math.prod(dims) * TORCH_DTYPE_SIZES[dtype]
         if total != expected:

@@ -16,6 +16,7 @@ from ckptstore.dtypes import (
     KIND_TORCH,
     TORCH_DTYPE_SIZES,
     UNSUPPORTED_TORCH_DTYPES,
+    numpy_dtype_allowed,
 )
 from ckptstore.errors import FormatError, StateMismatchError, UnsupportedValueError
 from ckptstore.manifest import TensorEntry
@@ -81,10 +82,27 @@ def _describe_torch(tensor: Any, path: str) -> SourceTensor:
         plain = plain.resolve_conj()
     if plain.is_neg():
         plain = plain.resolve_neg()
-    plain = plain.to("cpu").contiguous()
+    plain = plain.to("cpu")
     shape = tuple(plain.shape)
-    flat = plain.reshape(-1).view(torch.uint8)
-    return SourceTensor(KIND_TORCH, name, shape, _as_bytes(flat.numpy()), plain)
+    flat = _flat_bytes(plain)
+    return SourceTensor(KIND_TORCH, name, shape, _as_bytes(flat.numpy()), flat)
+
+
+def _flat_bytes(tensor: Any) -> Any:
+    """The tensor's bytes as a flat uint8 tensor (a view when its memory is already dense)."""
+    import torch
+
+    if not _dense(tensor):
+        same_size = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(tensor.element_size())
+        # Reinterpret first: sub-byte "shell" dtypes (uint1..7, int1..7) have no copy kernel.
+        tensor = (tensor.view(same_size) if same_size else tensor).clone(memory_format=torch.contiguous_format)
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _dense(tensor: Any) -> bool:
+    # is_contiguous() is also true for one-element tensors with any stride (expand, [::4]),
+    # whose flat view cannot be reinterpreted as bytes: require a unit stride too.
+    return bool(tensor.is_contiguous()) and (tensor.numel() == 0 or tensor.reshape(-1).stride(0) == 1)
 
 
 def _describe_numpy(value: Any, path: str) -> SourceTensor:
@@ -94,10 +112,11 @@ def _describe_numpy(value: Any, path: str) -> SourceTensor:
     array = np.asarray(value)  # keeps 0-d (ascontiguousarray would make it 1-d)
     if not array.flags.c_contiguous:
         array = array.copy(order="C")
-    if array.dtype.hasobject or array.dtype.fields is not None or array.dtype.kind not in "biufcmMSU":
-        raise UnsupportedValueError(path, f"numpy dtype {array.dtype} is not supported (objects or records)")
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    if not numpy_dtype_allowed(array.dtype.str):
+        raise UnsupportedValueError(path, f"numpy dtype {array.dtype} ({array.dtype.str}) is not supported: "
+                                    f"objects, records and unit multiples cannot be stored")
     return SourceTensor(kind, array.dtype.str, tuple(array.shape), _as_bytes(array.reshape(-1).view(np.uint8)), array)
 
 
@@ -137,7 +156,7 @@ def _allocate_torch(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
                 f"{path}: stored tensor is {entry.dtype}{list(entry.shape)}, "
                 f"target is {torch_dtype_name(into.dtype)}{list(into.shape)}"
             )
-        if into.device.type == "cpu" and into.is_contiguous() and not into.is_conj() and not into.is_neg():
+        if into.device.type == "cpu" and _dense(into) and not into.is_conj() and not into.is_neg():
             # Bytes land straight in the caller's tensor: no second copy of the state.
             return TargetTensor(into, _byte_view(into.detach()))
         staging = torch.empty(entry.shape, dtype=dtype)
@@ -157,12 +176,12 @@ def _allocate_numpy(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
 
     import numpy as np
 
+    if not numpy_dtype_allowed(entry.dtype):
+        raise FormatError(f"{path}: numpy dtype {entry.dtype[:40]!r} is not allowed")
     try:
         dtype = np.dtype(entry.dtype)
-    except TypeError as exc:
-        raise FormatError(f"{path}: numpy dtype {entry.dtype!r} unknown") from exc
-    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufcmMSU" or dtype.byteorder == ">":
-        raise FormatError(f"{path}: numpy dtype {entry.dtype!r} is not allowed")
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{path}: numpy dtype {entry.dtype!r} unknown to this numpy") from exc
     if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
         raise FormatError(f"{path}: segments hold {entry.nbytes} bytes, shape {list(entry.shape)} of {dtype} needs "
                           f"{math.prod(entry.shape) * dtype.itemsize}")

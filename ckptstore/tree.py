@@ -24,6 +24,9 @@ from ckptstore.errors import FormatError, UnsupportedValueError
 EXT_TUPLE = 1
 EXT_TENSOR = 2
 MAX_DEPTH = 256
+# Each tuple level is decoded by a nested msgpack.unpackb call, which recurses on the C
+# stack: ~195 levels crash the interpreter. Far fewer are ever needed.
+MAX_TUPLE_DEPTH = 32
 _INDEX = struct.Struct(">I")
 
 
@@ -42,10 +45,13 @@ def format_path(path: tuple[Any, ...]) -> str:
 def encode_tree(state: Any, on_tensor: Callable[[tuple[Any, ...], Any], int | None]) -> bytes:
     """Pack `state`; `on_tensor(path, value)` returns the tensor index, or None if not a tensor."""
 
-    def encode(value: Any, path: tuple[Any, ...]) -> Any:
+    def encode(value: Any, path: tuple[Any, ...], tuples: int = 0) -> Any:
         if len(path) > MAX_DEPTH:
             raise UnsupportedValueError(format_path(path), f"nesting deeper than {MAX_DEPTH} (a cycle?)")
-        if value is None or isinstance(value, (bool, float, str, bytes)):
+        if isinstance(value, str):
+            _check_utf8(value, path)
+            return value
+        if value is None or isinstance(value, (bool, float, bytes)):
             return value
         if isinstance(value, int):
             if not -(2**63) <= value < 2**64:
@@ -60,15 +66,21 @@ def encode_tree(state: Any, on_tensor: Callable[[tuple[Any, ...], Any], int | No
                     raise UnsupportedValueError(
                         format_path(path), f"dict key {key!r} of type {type(key).__name__}; keys must be str or int"
                     )
-                out[key] = encode(item, (*path, key))
+                if isinstance(key, int) and not -(2**63) <= key < 2**64:
+                    raise UnsupportedValueError(format_path(path), f"int dict key {key} does not fit in 64 bits")
+                if isinstance(key, str):
+                    _check_utf8(key, path)
+                out[key] = encode(item, (*path, key), tuples)
             return out
         if isinstance(value, list):
-            return [encode(item, (*path, i)) for i, item in enumerate(value)]
+            return [encode(item, (*path, i), tuples) for i, item in enumerate(value)]
         index = on_tensor(path, value)
         if index is not None:
             return msgpack.ExtType(EXT_TENSOR, _INDEX.pack(index))
         if isinstance(value, tuple):
-            items = [encode(item, (*path, i)) for i, item in enumerate(value)]
+            if tuples >= MAX_TUPLE_DEPTH:
+                raise UnsupportedValueError(format_path(path), f"tuples nested deeper than {MAX_TUPLE_DEPTH}")
+            items = [encode(item, (*path, i), tuples + 1) for i, item in enumerate(value)]
             return msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
         raise UnsupportedValueError(
             format_path(path), f"type {type(value).__module__}.{type(value).__qualname__} is not supported"
@@ -80,21 +92,30 @@ def encode_tree(state: Any, on_tensor: Callable[[tuple[Any, ...], Any], int | No
         raise UnsupportedValueError("state", "nesting too deep") from None
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code == EXT_TENSOR:
-        if len(data) != _INDEX.size:
-            raise FormatError("tensor reference of wrong size")
-        return TensorRef(_INDEX.unpack(data)[0])
-    if code == EXT_TUPLE:
-        items = _unpack(data)
-        if not isinstance(items, list):
-            raise FormatError("tuple node does not hold an array")
-        return tuple(items)
-    raise FormatError(f"unknown ext type {code} in state tree")
+def _check_utf8(text: str, path: tuple[Any, ...]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedValueError(format_path(path), f"string {text!r} is not valid UTF-8 (lone surrogate); "
+                                    f"store it as bytes (os.fsencode)") from None
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_hook, use_list=True)
+def _unpack(data: bytes, tuple_depth: int = 0) -> Any:
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code == EXT_TENSOR:
+            if len(payload) != _INDEX.size:
+                raise FormatError("tensor reference of wrong size")
+            return TensorRef(_INDEX.unpack(payload)[0])
+        if code == EXT_TUPLE:
+            if tuple_depth >= MAX_TUPLE_DEPTH:
+                raise FormatError(f"state tree nests tuples deeper than {MAX_TUPLE_DEPTH}")
+            items = _unpack(payload, tuple_depth + 1)
+            if not isinstance(items, list):
+                raise FormatError("tuple node does not hold an array")
+            return tuple(items)
+        raise FormatError(f"unknown ext type {code} in state tree")
+
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True)
 
 
 def decode_tree(data: bytes) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from ckptstore.backends.base import Backend, ObjectInfo, PutMode
+from ckptstore.backends.base import Backend, Buffer, ObjectInfo, PutMode
 from ckptstore.errors import (
     AlreadyExistsError,
     InvalidKeyError,
@@ -166,7 +166,7 @@ class BackendConformance:
         assert len(got.data) == 4 * words.itemsize
 
     def test_put_list_of_parts_concatenates(self, backend: Backend) -> None:
-        parts = [b"head-", memoryview(b"--middle--")[2:8], bytearray(b"-tail"), b"", memoryview(b"!")]
+        parts: list[Buffer] = [b"head-", memoryview(b"--middle--")[2:8], bytearray(b"-tail"), b"", memoryview(b"!")]
         expected = b"head-middle-tail!"
         version = backend.put("rt/parts", parts)
         got = backend.get("rt/parts")

@@ -1,0 +1,143 @@
+"""Regenerate the golden vectors in this directory.
+
+Run ONLY when the storage format version changes (a new marker/manifest/ref/chunk version):
+the whole point of these files is that they do NOT change when the code changes, so that a
+reader that can no longer decode them, or decodes them to other values, fails
+tests/test_golden.py. After regenerating, update the literal expected values in
+tests/test_golden.py and tests/golden/README.md by hand, and record the change in the
+"Changes" section of docs/FORMAT.md.
+
+    .venv/bin/python tests/golden/make_golden.py            # rewrite tests/golden/
+    .venv/bin/python tests/golden/make_golden.py --out DIR  # write somewhere else
+
+Everything is deterministic: clock, writer identity and commit id are pinned while the store
+is written, so two runs with the same library write identical bytes (except the zstd
+payload of chunk-zstd.blob, which depends on the libzstd version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import torch
+
+import ckptstore
+import ckptstore.manifest
+import ckptstore.store
+from ckptstore.chunkblob import Compression, encode_chunk
+from ckptstore.chunking import ChunkingPolicy
+from ckptstore.manifest import Marker, Ref, encode_marker, encode_ref
+
+HERE = Path(__file__).resolve().parent
+
+# -- standalone vectors -------------------------------------------------------------------
+CHUNK_NONE_RAW = bytes(range(32))
+CHUNK_ZSTD_RAW = bytes(4096)
+CHUNK_ZSTD_LEVEL = 3
+
+MARKER = Marker(hash_algorithm="blake3", created=1700000000.0)
+
+REF = Ref(
+    manifest="0123456789abcdef" * 4,
+    step=100,
+    committed=1700000100.5,
+    writer="trainer@node-0:1234",
+    commit_id="fedcba9876543210fedcba9876543210",
+    seq=2,
+    replaces="fedcba9876543210" * 4,
+)
+
+# -- the golden store ---------------------------------------------------------------------
+STORE_DIR = "store-v1"
+STORE_STEP = 7
+STORE_POLICY = ChunkingPolicy(chunk_size=16, small_tensor_limit=8, pack_size=32)
+STORE_COMPRESSION = Compression("none")
+STORE_METADATA = {"run": "golden"}
+STORE_WRITER = "golden@ckptstore:0"
+STORE_COMMIT_ID = "00112233445566778899aabbccddeeff"
+# time.time() as the store sees it: while the store is opened (marker "created"), and during
+# the save (manifest "created", ref "committed", and any other timestamp a save may take).
+STORE_OPEN_TIME = 1700000000.0
+STORE_SAVE_TIME = 1700000001.5
+
+
+def golden_state() -> dict[str, Any]:
+    """The state saved as step 7 of the golden store."""
+    return {
+        "w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.tensor([1, 2], dtype=torch.bfloat16),
+        "n": np.arange(3, dtype="<i2"),
+        "s": np.int64(-5),
+        "meta": {"name": "golden", 3: (1, 2.5, None, True, b"\x00\x01")},
+    }
+
+
+class _Clock:
+    """Stands in for the `time` module inside ckptstore.store: a clock stopped at `now`."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    @staticmethod
+    def perf_counter() -> float:
+        return 0.0
+
+
+@contextmanager
+def _pinned(clock: _Clock) -> Iterator[None]:
+    fixed_secrets = types.SimpleNamespace(token_hex=lambda n: STORE_COMMIT_ID)
+    with mock.patch.object(ckptstore.store, "time", clock), \
+            mock.patch.object(ckptstore.store, "_writer_identity", lambda: STORE_WRITER), \
+            mock.patch.object(ckptstore.manifest, "secrets", fixed_secrets):
+        yield
+
+
+def _write(path: Path, parts: list[Any]) -> None:
+    path.write_bytes(b"".join(bytes(p) for p in parts))
+
+
+def generate(out: Path) -> None:
+    """Write every golden vector into `out` (replacing an existing golden store there)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "chunk-none.blob", encode_chunk(memoryview(CHUNK_NONE_RAW), Compression("none")))
+    _write(out / "chunk-zstd.blob",
+           encode_chunk(memoryview(CHUNK_ZSTD_RAW), Compression("zstd", level=CHUNK_ZSTD_LEVEL)))
+    (out / "marker.msgpack").write_bytes(encode_marker(MARKER))
+    (out / "ref.msgpack").write_bytes(encode_ref(REF))
+
+    root = out / STORE_DIR
+    if root.exists():
+        shutil.rmtree(root)
+    clock = _Clock(STORE_OPEN_TIME)
+    with _pinned(clock):
+        store = ckptstore.open(root, chunking=STORE_POLICY, compression=STORE_COMPRESSION, threads=1)
+        clock.now = STORE_SAVE_TIME
+        store.save(STORE_STEP, golden_state(), metadata=STORE_METADATA)
+        store.close()
+    # Staging and lock files are local-backend scratch, never part of the format.
+    shutil.rmtree(root / "tmp", ignore_errors=True)
+    shutil.rmtree(root / "locks", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=HERE, help="directory to write (default: tests/golden/)")
+    args = parser.parse_args()
+    generate(args.out)
+    for path in sorted(p for p in args.out.rglob("*") if p.is_file() and p.suffix not in (".py", ".md")):
+        print(path.relative_to(args.out), path.stat().st_size)
+
+
+if __name__ == "__main__":
+    main()
