@@ -318,5 +318,6 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     """
     from ckptstore.url import open_backend
 
-    return Store(open_backend(url, storage_options, threads=threads), create=create, chunking=chunking, compression=compression,
-                 threads=threads, verify=verify, hash_algorithm=hash_algorithm)
+    backend = open_backend(url, storage_options, threads=threads)
+    return Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,
+                 verify=verify, hash_algorithm=hash_algorithm)
