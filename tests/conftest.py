@@ -4,11 +4,15 @@ Sections (add new fixtures to the matching section, or start a new one below):
 
 1. Object-storage servers: `s3_server`, `gcs_server` (session) and `s3_bucket`, `gcs_bucket`
    (per test). See ckptstore/testing/servers.py and docs/INTEGRATION.md.
+2. Stores on every backend: `store_url` (local, memory, s3, gcs) and `shared_store_url`
+   (the backends separate processes can share).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +92,42 @@ def gcs_bucket(gcs_server: GCSServer) -> Iterator[str]:
             gcs_server.delete_bucket(name)
         except Exception as e:
             print(f"note: could not delete test bucket {name}: {e!r}")
+
+
+# ============================================================================================
+# 2. Stores on every backend
+#
+# `store_url` runs a store-level test once per backend: a fresh local directory, a fresh
+# memory space, a fresh prefix in a fresh S3 bucket (SeaweedFS or the configured server) and
+# in a fresh GCS bucket (fake-gcs-server or the configured emulator). `shared_store_url`
+# leaves out memory://, which separate processes cannot share.
+
+ALL_BACKENDS = ("local", "memory", "s3", "gcs")
+SHARED_BACKENDS = ("local", "s3", "gcs")
+
+
+def _store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if kind == "local":
+        yield str(tmp_path / "store")
+    elif kind == "memory":
+        from ckptstore.backends.memory import drop_memory_space
+
+        name = uuid.uuid4().hex
+        yield f"memory://{name}"
+        drop_memory_space(name)
+    elif kind == "s3":
+        yield f"s3://{request.getfixturevalue('s3_bucket')}/store"
+    else:
+        yield f"gs://{request.getfixturevalue('gcs_bucket')}/store"
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty store, once per backend."""
+    yield from _store_url(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=SHARED_BACKENDS)
+def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Like store_url, for backends that separate processes can share."""
+    yield from _store_url(request.param, request, tmp_path)

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 import ckptstore
 from ckptstore import keys
-from ckptstore.backends.base import Backend, Buffer, GetResult, ObjectInfo, PutMode
-from ckptstore.backends.memory import MemoryBackend, drop_memory_space
+from ckptstore.backends.base import Backend, Buffer, GetResult, PutMode
+from ckptstore.backends.memory import MemoryBackend
 from ckptstore.commit import commit_ref, read_ref
 from ckptstore.manifest import Ref, encode_ref
 from ckptstore.testing.scenarios import state_for, tag_of
-
-
-@pytest.fixture(params=["local", "memory"])
-def store_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
-    if request.param == "local":
-        yield str(tmp_path / "store")
-    else:
-        name = uuid.uuid4().hex
-        yield f"memory://{name}"
-        drop_memory_space(name)
+from ckptstore.testing.wrappers import ForwardingBackend
 
 
 def test_olmo_scenario_save_exists_then_overwrite(store_url: str) -> None:
@@ -117,22 +108,24 @@ def test_steps_sort_numerically(store_url: str) -> None:
     assert store.load() == {"s": 10**19}
 
 
-def test_open_without_create_does_not_create(tmp_path) -> None:
-    target = tmp_path / "nothing-here"
+def test_open_without_create_does_not_create(store_url: str) -> None:
     with pytest.raises(ckptstore.StoreNotFoundError):
-        ckptstore.open(target, create=False)
-    assert not target.exists()
+        ckptstore.open(store_url, create=False)
+    assert ckptstore.open(store_url).steps() == []  # creating works afterwards
 
 
-# -- integrity ------------------------------------------------------------------------------
-def test_corrupt_chunk_raises_integrity_error_naming_step_tensor_and_key(tmp_path) -> None:
-    store = ckptstore.open(tmp_path / "s")
+# -- integrity: damage written through the backend itself, so every backend is attacked ----
+def _chunk_keys(store: ckptstore.Store) -> list[str]:
+    return sorted(o.key for o in store.backend.list(keys.CHUNKS))
+
+
+def test_corrupt_chunk_raises_integrity_error_naming_step_tensor_and_key(store_url: str) -> None:
+    store = ckptstore.open(store_url)
     store.save(3, {"big": torch.arange(1 << 20, dtype=torch.float32)})
-    (chunk,) = [o.key for o in store.backend.list(keys.CHUNKS)]
-    path = tmp_path / "s" / chunk
-    data = bytearray(path.read_bytes())
+    (chunk,) = _chunk_keys(store)
+    data = bytearray(store.backend.get(chunk).data)
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    store.backend.put(chunk, bytes(data))
     with pytest.raises(ckptstore.IntegrityError) as caught:
         store.load(3)
     message = str(caught.value)
@@ -140,38 +133,39 @@ def test_corrupt_chunk_raises_integrity_error_naming_step_tensor_and_key(tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])
-def test_damaged_chunks_are_integrity_errors(tmp_path, damage: str) -> None:
-    store = ckptstore.open(tmp_path / "s", compression=ckptstore.Compression("zstd"))
+def test_damaged_chunks_are_integrity_errors(store_url: str, damage: str) -> None:
+    store = ckptstore.open(store_url, compression=ckptstore.Compression("zstd"))
     store.save(1, {"a": torch.zeros(1000), "b": torch.ones(10)})
-    for info in store.backend.list(keys.CHUNKS):
-        path = tmp_path / "s" / info.key
+    for key in _chunk_keys(store):
+        data = store.backend.get(key).data
         if damage == "truncate":
-            path.write_bytes(path.read_bytes()[: info.size // 2])
+            store.backend.put(key, data[: len(data) // 2])
         elif damage == "delete":
-            path.unlink()
+            store.backend.delete(key)
         else:
-            path.write_bytes(b"\x00" * info.size)
+            store.backend.put(key, b"\x00" * len(data))
     with pytest.raises(ckptstore.IntegrityError, match="step 1"):
         store.load(1)
 
 
-def test_corrupt_manifest_raises_integrity_error(tmp_path) -> None:
-    store = ckptstore.open(tmp_path / "s")
+def test_corrupt_manifest_raises_integrity_error(store_url: str) -> None:
+    store = ckptstore.open(store_url)
     info = store.save(1, {"a": torch.zeros(4)})
-    path = tmp_path / "s" / keys.manifest_key(info.manifest)
-    path.write_bytes(path.read_bytes() + b"x")
+    key = keys.manifest_key(info.manifest)
+    store.backend.put(key, store.backend.get(key).data + b"x")
     with pytest.raises(ckptstore.IntegrityError, match="manifest"):
         store.load(1)
 
 
 # -- ambiguous outcomes, with a backend that applies a put and then reports a failure -------
-class ApplyThenFail(Backend):
-    """Wraps a backend; the next ref put of mode kind `on` lands, then raises `error`:
-    TransientError (a timed-out request whose write reached the server) or
-    PreconditionFailedError (an SDK retry of a put whose first attempt had landed)."""
+class ApplyThenFail(ForwardingBackend):
+    """The next ref put of mode kind `on` lands, then raises `error`: TransientError (a
+    timed-out request whose write reached the server) or PreconditionFailedError (an SDK
+    retry of a put whose first attempt had landed)."""
 
     def __init__(self, inner: Backend, error: type[Exception], on: str = "create"):
-        self.inner, self.error, self.on, self.armed, self.url = inner, error, on, True, inner.url
+        super().__init__(inner)
+        self.error, self.on, self.armed = error, on, True
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = PutMode.OVERWRITE) -> str:
         version = self.inner.put(key, data, mode=mode)
@@ -179,21 +173,6 @@ class ApplyThenFail(Backend):
             self.armed = False
             raise self.error("injected after the put landed", key=key, operation="put")
         return version
-
-    def get(self, key: str) -> GetResult:
-        return self.inner.get(key)
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        return self.inner.get_range(key, start, length)
-
-    def head(self, key: str) -> ObjectInfo:
-        return self.inner.head(key)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
 
 
 def _ref(step: int) -> Ref:

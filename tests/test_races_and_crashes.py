@@ -17,9 +17,14 @@ from ckptstore.testing.scenarios import race_commit, tag_of
 pytestmark = pytest.mark.slow
 
 
-def test_eight_processes_racing_create_only_one_wins_each_round(tmp_path) -> None:
-    url = str(tmp_path / "store")
-    rounds = race_commit(url, processes=8, rounds=5)
+def _rounds(url: str) -> int:
+    """At least 20 rounds on the object stores, as the issue asks; local is cheap to prove."""
+    return 5 if "://" not in url else 20
+
+
+def test_eight_processes_racing_create_only_one_wins_each_round(shared_store_url: str) -> None:
+    url = shared_store_url
+    rounds = race_commit(url, processes=8, rounds=_rounds(url))
     store = ckptstore.open(url)
     for r, outcomes in enumerate(rounds):
         winners = [o for o in outcomes if o.result == "won"]
@@ -30,9 +35,9 @@ def test_eight_processes_racing_create_only_one_wins_each_round(tmp_path) -> Non
         assert store.ref(r).seq == 1
 
 
-def test_eight_processes_racing_overwrite_cas_has_no_silent_clobber(tmp_path) -> None:
-    url = str(tmp_path / "store")
-    rounds = race_commit(url, processes=8, rounds=5, overwrite=True)
+def test_eight_processes_racing_overwrite_cas_has_no_silent_clobber(shared_store_url: str) -> None:
+    url = shared_store_url
+    rounds = race_commit(url, processes=8, rounds=_rounds(url), overwrite=True)
     store = ckptstore.open(url)
     for r, outcomes in enumerate(rounds):
         results = {o.result for o in outcomes}
@@ -44,6 +49,8 @@ def test_eight_processes_racing_overwrite_cas_has_no_silent_clobber(tmp_path) ->
         # sequence number counts exactly the winners: no commit was lost or applied twice.
         assert ref.seq == len(winners), f"round {r}: seq {ref.seq} for {len(winners)} winners"
         assert tag_of(store.load(r)) in {w.tag for w in winners}
+    conflicts = sum(o.result == "CommitConflictError" for outcomes in rounds for o in outcomes)
+    assert conflicts > 0, "no round raced: the test did not exercise compare-and-swap"
 
 
 def _committed_lines(output: str) -> list[tuple[int, int]]:
@@ -51,8 +58,8 @@ def _committed_lines(output: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in (line for line in lines if len(line) == 2)]
 
 
-def test_saves_killed_at_random_points_never_leave_a_broken_step(tmp_path) -> None:
-    url = str(tmp_path / "store")
+def test_saves_killed_at_random_points_never_leave_a_broken_step(shared_store_url: str) -> None:
+    url = shared_store_url
     rng = random.Random(1234)
     printed: dict[int, int] = {}
     first_step = 0
@@ -86,3 +93,44 @@ def test_saves_killed_at_random_points_never_leave_a_broken_step(tmp_path) -> No
     store = ckptstore.open(url)
     store.save(first_step, {"after": "crashes"})
     assert store.load(first_step) == {"after": "crashes"}
+
+
+def test_killed_save_resumes_uploading_only_missing_chunks(shared_store_url: str) -> None:
+    from ckptstore.store import Store
+    from ckptstore.testing.scenarios import RESUME_CHUNKING, big_state
+    from ckptstore.testing.wrappers import CountingBackend
+    from ckptstore.url import open_backend
+
+    url = shared_store_url
+    store = ckptstore.open(url)
+    store.save(1, {"w": big_state(1, mib=1)["layer0"]})
+    total = 16 * (1 << 20) // (64 << 10)  # 16 MiB of unique random data in 64 KiB chunks
+
+    proc = subprocess.Popen([sys.executable, "-m", "ckptstore.testing.scenarios", "slow-saver", url, "2", "2",
+                             "0.01"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    present = 0
+    deadline = time.monotonic() + 120
+    while present < total // 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        present = sum(1 for _ in store.backend.list("chunks/")) - 1  # minus step 1's chunk
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert total // 4 <= present < total, f"the kill did not land mid-save ({present}/{total}): {err}"
+
+    assert store.steps() == [1], "a killed save must not commit"
+    assert torch_equal(store.load(1)["w"], big_state(1, mib=1)["layer0"])
+    present = sum(1 for _ in store.backend.list("chunks/")) - 1
+
+    counting = CountingBackend(open_backend(url))
+    info = Store(counting, chunking=RESUME_CHUNKING).save(2, big_state(2))
+    assert counting.calls[("put", "chunks")] == total - present, counting.calls
+    assert info.new_chunks == total - present and info.chunks == total
+    assert counting.calls[("put", "manifests")] == 1 and counting.calls[("put", "refs")] == 1
+    loaded = ckptstore.open(url).load(2)
+    assert all(torch_equal(loaded[k], v) for k, v in big_state(2).items())
+
+
+def torch_equal(a: object, b: object) -> bool:
+    import torch
+
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)

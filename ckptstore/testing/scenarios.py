@@ -115,8 +115,36 @@ def crash_saver(url: str, first_step: int, overwrite_every: int) -> None:
         print(f"{target} {tag}", flush=True)
 
 
-if __name__ == "__main__":  # python -m ckptstore.testing.scenarios crash-saver URL FIRST OVERWRITE_EVERY
+#: Small chunks so a modest state makes many chunk uploads (and a kill lands among them).
+RESUME_CHUNKING = ckptstore.ChunkingPolicy(chunk_size=64 << 10, small_tensor_limit=1024, pack_size=4096)
+
+
+def big_state(seed: int, *, mib: int = 16) -> dict[str, Any]:
+    """A deterministic state of `mib` MiB of random float32, in 4 tensors."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}": torch.randn(mib * (1 << 18) // 4, generator=g) for i in range(4)}
+
+
+def slow_saver(url: str, step: int, seed: int, delay: float) -> None:
+    """Save big_state(seed) as `step`, one chunk at a time, sleeping `delay` before each chunk put."""
+    from ckptstore.store import Store
+    from ckptstore.testing.wrappers import SlowPutBackend
+    from ckptstore.url import open_backend
+
+    backend = SlowPutBackend(open_backend(url), prefix="chunks/", delay=delay)
+    Store(backend, chunking=RESUME_CHUNKING, threads=1).save(step, big_state(seed))
+    print("committed", flush=True)
+
+
+USAGE = """usage: python -m ckptstore.testing.scenarios crash-saver URL FIRST_STEP OVERWRITE_EVERY
+       python -m ckptstore.testing.scenarios slow-saver URL STEP SEED DELAY"""
+
+if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "crash-saver":
         crash_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif len(sys.argv) == 6 and sys.argv[1] == "slow-saver":
+        slow_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     else:
-        sys.exit("usage: python -m ckptstore.testing.scenarios crash-saver URL FIRST_STEP OVERWRITE_EVERY")
+        sys.exit(USAGE)
