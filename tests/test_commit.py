@@ -179,8 +179,8 @@ def _ref(step: int) -> Ref:
     return Ref(manifest="ab" * 32, step=step, committed=1.0, writer="test")
 
 
-def test_ambiguous_create_that_landed_is_a_success_not_step_exists() -> None:
-    backend = ApplyThenFail(MemoryBackend(uuid.uuid4().hex), ckptstore.TransientError)
+def test_ambiguous_create_that_landed_is_a_success_not_step_exists(store_url: str) -> None:
+    backend = ApplyThenFail(ckptstore.open(store_url).backend, ckptstore.TransientError)
     ref = _ref(1)
     assert commit_ref(backend, keys.step_ref_key(1), ref, overwrite=False) == ref
     stored = read_ref(backend, keys.step_ref_key(1))
@@ -188,8 +188,8 @@ def test_ambiguous_create_that_landed_is_a_success_not_step_exists() -> None:
 
 
 @pytest.mark.parametrize("error", [ckptstore.TransientError, ckptstore.PreconditionFailedError])
-def test_ambiguous_replace_that_landed_is_a_success_not_a_conflict(error: type[Exception]) -> None:
-    inner = MemoryBackend(uuid.uuid4().hex)
+def test_ambiguous_replace_that_landed_is_a_success_not_a_conflict(store_url: str, error: type[Exception]) -> None:
+    inner = ckptstore.open(store_url).backend
     key = keys.step_ref_key(1)
     first = commit_ref(inner, key, _ref(1), overwrite=False)
     second = commit_ref(ApplyThenFail(inner, error, on="update"), key, _ref(1), overwrite=True)
@@ -198,8 +198,8 @@ def test_ambiguous_replace_that_landed_is_a_success_not_a_conflict(error: type[E
     assert second.seq == 2 and second.replaces == first.manifest
 
 
-def test_concurrent_replace_between_read_and_put_is_a_conflict() -> None:
-    inner = MemoryBackend(uuid.uuid4().hex)
+def test_concurrent_replace_between_read_and_put_is_a_conflict(store_url: str) -> None:
+    inner = ckptstore.open(store_url).backend
     key = keys.step_ref_key(1)
     commit_ref(inner, key, _ref(1), overwrite=False)
     intruder = _ref(1)
@@ -221,3 +221,38 @@ def test_concurrent_replace_between_read_and_put_is_a_conflict() -> None:
     assert intruder.commit_id in str(caught.value)
     stored = read_ref(inner, key)
     assert stored is not None and stored[0].commit_id == intruder.commit_id, "the winner must not be clobbered"
+
+
+# -- servers that ignore conditional writes are refused -------------------------------------
+class IgnoresConditions(ForwardingBackend):
+    """A server that accepts If-None-Match / If-Match and then writes anyway."""
+
+    needs_canary = True
+
+    def __init__(self, inner: Backend):
+        super().__init__(inner)
+        self.needs_canary = True
+        self.url = f"{inner.url}-ignoring-{uuid.uuid4().hex[:6]}"  # a URL no canary has proven
+
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = PutMode.OVERWRITE) -> str:
+        return self.inner.put(key, data, mode=PutMode.OVERWRITE)
+
+
+def test_store_refuses_a_backend_that_ignores_conditional_writes() -> None:
+    backend = IgnoresConditions(MemoryBackend(uuid.uuid4().hex))
+    with pytest.raises(ckptstore.ConditionalWritesUnsupportedError, match="create-only"):
+        ckptstore.Store(backend)
+    assert not any(o.key.startswith(keys.STEP_REFS) or o.key == keys.MARKER for o in backend.list())
+
+
+def test_canary_is_cached_per_url(store_url: str) -> None:
+    from ckptstore.testing.wrappers import CountingBackend
+
+    counting = CountingBackend(ckptstore.open(store_url).backend)
+    counting.needs_canary = True
+    counting.url = f"{counting.url}#{uuid.uuid4().hex}"
+    store = ckptstore.Store(counting)
+    store.save(1, {"a": 1})
+    store.save(2, {"a": 2})
+    ckptstore.Store(counting).save(3, {"a": 3})
+    assert counting.calls[("put", "locks")] == 4, "one canary (its four conditional puts) per URL and process"
