@@ -450,6 +450,11 @@ def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random) -> S3Ser
         # No grace period between the volume server's last heartbeat and its exit: ~1 s
         # faster stop (SIGTERM to exit: ~2-3 s instead of ~3-4 s).
         "-volume.preStopSeconds=0",
+        # Every bucket is a collection with volumes of its own, and `mini` caps the volume
+        # count by free disk / 1 GiB (78 here): a test session that makes a bucket per test
+        # ran out after 76 buckets ("No writable volumes"). Small volumes, many allowed.
+        "-master.volumeSizeLimitMB=16",
+        "-volume.max=4000",
         f"-s3.port={s3_port}",
         f"-master.port={master_port}",
         f"-volume.port={volume_port}",
