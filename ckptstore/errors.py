@@ -15,6 +15,8 @@ The tree::
     ├── InvalidURLError               a store URL ckptstore cannot open
     ├── StepExistsError               commit without overwrite found the step committed
     ├── StepNotFoundError             the requested step has no ref
+    │   └── TagNotFoundError          the requested tag has no ref
+    ├── TagExistsError                tag without overwrite found the name taken
     ├── CommitConflictError           another writer replaced the step while we committed
     ├── IntegrityError                stored bytes do not match their hash
     ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
@@ -111,6 +113,23 @@ class StepNotFoundError(CkptStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0])
+
+
+class TagNotFoundError(StepNotFoundError):
+    """The requested tag has no ref in this store."""
+
+    def __init__(self, name: str, store: str = ""):
+        super().__init__(name, store)
+        self.args = (f"tag {name!r} not found" + (f" in {store}" if store else ""),)
+
+
+class TagExistsError(CkptStoreError):
+    """A tag without overwrite found the name already taken; nothing was changed."""
+
+    def __init__(self, name: str, step: int):
+        self.name = name
+        self.step = step
+        super().__init__(f"tag {name!r} already names step {step}; pass overwrite=True (CLI: --force) to move it")
 
 
 class CommitConflictError(CkptStoreError):

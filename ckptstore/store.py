@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -21,19 +21,24 @@ from ckptstore import keys
 from ckptstore.backends.base import CREATE, Backend
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import Compression
-from ckptstore.chunking import ChunkingPolicy, plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
+from ckptstore.chunking import ChunkingPolicy, ChunkPlan, plan_chunks
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map
 from ckptstore.commit import commit_ref, read_ref
 from ckptstore.errors import (
     AlreadyExistsError,
     FormatError,
     IntegrityError,
     ObjectNotFoundError,
+    StepExistsError,
     StepNotFoundError,
     StoreNotFoundError,
+    TagExistsError,
+    TagNotFoundError,
     UnsupportedValueError,
 )
+from ckptstore.gc import GCReport, collect_garbage
 from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
+from ckptstore.leases import DEFAULT_TTL, Epoch, Lease, LockInfo, list_locks, read_epoch, wait_for_gc
 from ckptstore.manifest import (
     MAX_MANIFEST_BYTES,
     ChunkEntry,
@@ -66,6 +71,7 @@ class SaveInfo:
     new_chunks: int
     new_bytes: int  # stored bytes of chunks this save wrote (the rest deduplicated)
     seconds: float
+    retention_deleted: tuple[int, ...] = ()  # steps whose refs retention deleted after the commit
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,10 @@ class Store:
         threads: int = DEFAULT_THREADS,
         verify: bool = True,
         hash_algorithm: str = DEFAULT_ALGORITHM,
+        lease_ttl: float = DEFAULT_TTL,
     ):
         self.backend = backend
+        self.lease_ttl = lease_ttl
         self.chunking = chunking or ChunkingPolicy()
         self.compression = compression or Compression()
         self.threads = max(1, threads)
@@ -143,22 +151,39 @@ class Store:
             return decode_marker(self.backend.get(keys.MARKER).data)
 
     # -- save ------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None) -> SaveInfo:
+    def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
+             keep_last: int | None = None, keep_every: int | None = None) -> SaveInfo:
         """Save `state` as `step` and commit it atomically.
 
+        After a successful commit, retention deletes the refs of steps that are neither among
+        the `keep_last` newest, nor a multiple of `keep_every`, nor tagged (data is freed by gc).
         Raises StepExistsError if the step exists and not `overwrite` (nothing is touched),
         CommitConflictError if another writer replaced it concurrently, and
         UnsupportedValueError (naming the path) for state the format cannot hold.
         """
-        from ckptstore.tensors import describe, is_tensor
-
         started = time.perf_counter()
         keys.check_step(step)
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         ensure_conditional_writes(self.backend)
         try:
             msgpack.packb(metadata, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
             raise UnsupportedValueError("metadata", f"must be plain msgpack values: {exc}") from exc
+        # The epoch is read before the lease exists: a gc that lists leases before our lease
+        # appears must have bumped the epoch after this read, and we see that at commit.
+        epoch_at_start, _ = read_epoch(self.backend)
+        with Lease(self.backend, "save", _writer_identity(), ttl=self.lease_ttl):
+            info = self._save_leased(step, state, overwrite, metadata, epoch_at_start, started)
+        if keep_last is not None or keep_every is not None:
+            deleted = self.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
+            info = replace(info, retention_deleted=tuple(deleted))
+        return info
+
+    def _save_leased(self, step: int, state: Any, overwrite: bool, metadata: Any, epoch_at_start: Epoch,
+                     started: float) -> SaveInfo:
+        from ckptstore.tensors import describe, is_tensor
 
         sources = []
 
@@ -191,6 +216,8 @@ class Store:
         manifest_digest = self._hash(encoded)
         with contextlib.suppress(AlreadyExistsError):  # identical manifest already stored
             self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
+        self._settle_with_gc(epoch_at_start, plan, written, writer, [s.data for s in sources],
+                             manifest_digest, encoded)
 
         ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=_writer_identity())
         committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
@@ -203,6 +230,91 @@ class Store:
             seconds=time.perf_counter() - started,
         )
 
+    def _settle_with_gc(self, epoch_at_start: Epoch, plan: ChunkPlan, written: list[WrittenChunk],
+                        writer: ChunkWriter, sources: list[memoryview], manifest_digest: str,
+                        encoded_manifest: bytes) -> None:
+        """Before committing: if a gc may have swept since we started, wait for it to finish
+        and put back anything we are about to reference that it deleted."""
+        if not read_epoch(self.backend)[0].swept_since(epoch_at_start):
+            return
+        wait_for_gc(self.backend, ttl=self.lease_ttl)
+        digests = sorted({r.entry.digest for r in written})
+        present = dict(zip(digests, bounded_map(lambda d: self.backend.exists(keys.chunk_key(d)), digests,
+                                                self.threads), strict=True))
+        missing = [chunk for chunk, r in zip(plan.chunks, written, strict=True) if not present[r.entry.digest]]
+        if missing:
+            writer.write(ChunkPlan(missing, []), sources)
+        if not self.backend.exists(keys.manifest_key(manifest_digest)):
+            with contextlib.suppress(AlreadyExistsError):
+                self.backend.put(keys.manifest_key(manifest_digest), encoded_manifest, mode=CREATE)
+
+    # -- retention and tags ------------------------------------------------------------------
+    def apply_retention(self, *, keep_last: int | None = None, keep_every: int | None = None,
+                        protect: tuple[int, ...] = ()) -> list[int]:
+        """Delete the refs of steps that no rule keeps; returns the deleted steps.
+
+        Kept: the `keep_last` newest steps, multiples of `keep_every`, tagged steps, `protect`.
+        Only refs are deleted; gc frees the data.
+        """
+        steps = self.steps()
+        keep = set(protect) | set(self.tags().values())
+        if keep_last is not None:
+            keep.update(steps[-keep_last:])
+        if keep_every is not None:
+            keep.update(s for s in steps if s % keep_every == 0)
+        doomed = [s for s in steps if s not in keep]
+        for step in doomed:
+            self.backend.delete(keys.step_ref_key(step))
+        return doomed
+
+    def tag(self, name: str, step: int, *, overwrite: bool = False) -> Ref:
+        """Name `step` (refs/tags/<name>); a tagged step is never deleted by retention, and
+        its data survives gc even if the step's own ref is deleted. Raises TagExistsError."""
+        target = self.ref(step)
+        ref = Ref(manifest=target.manifest, step=step, committed=time.time(), writer=_writer_identity())
+        ensure_conditional_writes(self.backend)
+        try:
+            return commit_ref(self.backend, keys.tag_ref_key(name), ref, overwrite=overwrite)
+        except StepExistsError:
+            existing = read_ref(self.backend, keys.tag_ref_key(name))
+            raise TagExistsError(name, existing[0].step if existing else -1) from None
+
+    def untag(self, name: str) -> None:
+        """Remove the tag `name`. Raises TagNotFoundError."""
+        key = keys.tag_ref_key(name)
+        if not self.backend.exists(key):
+            raise TagNotFoundError(name, self.url)
+        self.backend.delete(key)
+
+    def tags(self) -> dict[str, int]:
+        """Tag name -> tagged step."""
+        found = {}
+        for info in self.backend.list(keys.TAG_REFS):
+            ref = read_ref(self.backend, info.key)
+            if ref is not None:
+                found[info.key[len(keys.TAG_REFS):]] = ref[0].step
+        return dict(sorted(found.items()))
+
+    # -- gc and locks ------------------------------------------------------------------------
+    def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GCReport:
+        """Free chunks and manifests that no ref reaches and that are older than `min_age`
+        seconds; safe while other processes save (docs/FORMAT.md, "Garbage collection")."""
+        if not dry_run:
+            ensure_conditional_writes(self.backend)
+        return collect_garbage(self, owner=_writer_identity(), dry_run=dry_run, min_age=min_age,
+                               ttl=self.lease_ttl)
+
+    def locks(self) -> list[LockInfo]:
+        """Leases and locks under locks/, with owner, age and staleness."""
+        return list_locks(self.backend, ttl=self.lease_ttl)
+
+    def clear_stale_locks(self) -> list[LockInfo]:
+        """Delete leases and locks whose holder stopped refreshing them; returns them."""
+        stale = [lock for lock in self.locks() if lock.stale]
+        for lock in stale:
+            self.backend.delete(lock.name)
+        return stale
+
     # -- read ------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -214,8 +326,13 @@ class Store:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def ref(self, step: int) -> Ref:
-        """The ref of `step`. Raises StepNotFoundError."""
+    def ref(self, step: int | str) -> Ref:
+        """The ref of `step`, or of the tag named by a str. Raises StepNotFoundError."""
+        if isinstance(step, str):
+            tagged = read_ref(self.backend, keys.tag_ref_key(step))
+            if tagged is None:
+                raise TagNotFoundError(step, self.url)
+            return tagged[0]
         found = read_ref(self.backend, keys.step_ref_key(step))
         if found is None:
             raise StepNotFoundError(step, self.url)
@@ -235,27 +352,33 @@ class Store:
             raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
         return decode_manifest(data)
 
-    def info(self, step: int) -> StepInfo:
-        """The ref and manifest of a committed step."""
+    def info(self, step: int | str) -> StepInfo:
+        """The ref and manifest of a committed step (or tag)."""
         ref = self.ref(step)
-        return StepInfo(step, ref, self.manifest(ref.manifest))
+        return StepInfo(ref.step, ref, self.manifest(ref.manifest))
 
-    def _resolve(self, step: int | None) -> int:
+    def _resolve(self, step: int | str | None) -> int | str:
         if step is None:
             latest = self.latest()
             if latest is None:
                 raise StepNotFoundError("latest", self.url)
             return latest
-        return keys.check_step(step)
+        return step if isinstance(step, str) else keys.check_step(step)
 
-    def load(self, step: int | None = None, *, into: Any = None) -> Any:
-        """The state saved as `step` (default: the latest step).
+    def load(self, step: int | str | None = None, *, into: Any = None) -> Any:
+        """The state saved as `step` (default: the latest step; a str names a tag).
 
         With `into`, tensors at the same paths in that tree are filled in place (CPU
         contiguous tensors receive the bytes directly) and returned in the result.
         Raises StepNotFoundError, IntegrityError (corrupt or missing data, naming the step,
         tensor and key) or StateMismatchError (an `into` tensor of another shape or dtype).
         """
+        # A load lease makes a concurrent gc stand down. Read-only credentials cannot write
+        # one: the load goes ahead without (gc's min_age still protects it in practice).
+        with Lease(self.backend, "load", _writer_identity(), ttl=self.lease_ttl, required=False):
+            return self._load_leased(step, into)
+
+    def _load_leased(self, step: int | str | None, into: Any) -> Any:
         from ckptstore.tensors import allocate
 
         step = self._resolve(step)
@@ -305,6 +428,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     verify: bool = True,
     hash_algorithm: str = DEFAULT_ALGORITHM,
     storage_options: Mapping[str, Any] | None = None,
+    lease_ttl: float = DEFAULT_TTL,
 ) -> Store:
     """Open (and by default create) the store at `url`: a path, file://, or memory://.
 
@@ -320,4 +444,4 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
 
     backend = open_backend(url, storage_options, threads=threads)
     return Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,
-                 verify=verify, hash_algorithm=hash_algorithm)
+                 verify=verify, hash_algorithm=hash_algorithm, lease_ttl=lease_ttl)

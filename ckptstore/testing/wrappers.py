@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
 
@@ -47,16 +47,19 @@ class ForwardingBackend(Backend):
 
 
 class CountingBackend(ForwardingBackend):
-    """Counts requests as (operation, first key segment), e.g. ("put", "chunks")."""
+    """Counts requests as (operation, first key segment), e.g. ("put", "chunks"), and logs
+    every (operation, key) in order."""
 
     def __init__(self, inner: Backend):
         super().__init__(inner)
         self.calls: Counter[tuple[str, str]] = Counter()
+        self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
     def _count(self, operation: str, key: str) -> None:
         with self._lock:
             self.calls[(operation, key.split("/", 1)[0])] += 1
+            self.log.append((operation, key))
 
     def get(self, key: str) -> GetResult:
         self._count("get", key)
@@ -98,3 +101,44 @@ class SlowPutBackend(ForwardingBackend):
         if key.startswith(self.prefix):
             time.sleep(self.delay)
         return super().put(key, data, mode=mode)
+
+
+class GatedDeleteBackend(ForwardingBackend):
+    """Blocks the delete of `key` until `gate` is set; sets `reached` when it gets there."""
+
+    def __init__(self, inner: Backend, *, key: str, gate: threading.Event):
+        super().__init__(inner)
+        self.key, self.gate, self.reached = key, gate, threading.Event()
+
+    def delete(self, key: str) -> None:
+        if key == self.key:
+            self.reached.set()
+            self.gate.wait(timeout=60)
+        super().delete(key)
+
+
+class HeadHookBackend(ForwardingBackend):
+    """Calls `after()` once, right after the first head of `key` returns."""
+
+    def __init__(self, inner: Backend, *, key: str, after: Callable[[], None]):
+        super().__init__(inner)
+        self.key, self.after, self.fired = key, after, False
+
+    def head(self, key: str) -> ObjectInfo:
+        info = super().head(key)
+        if key == self.key and not self.fired:
+            self.fired = True
+            self.after()
+        return info
+
+
+class SlowDeleteBackend(ForwardingBackend):
+    """Sleeps `delay` seconds before every delete (a slow gc sweep widens its races)."""
+
+    def __init__(self, inner: Backend, *, delay: float):
+        super().__init__(inner)
+        self.delay = delay
+
+    def delete(self, key: str) -> None:
+        time.sleep(self.delay)
+        super().delete(key)
