@@ -138,13 +138,64 @@ def slow_saver(url: str, step: int, seed: int, delay: float) -> None:
     print("committed", flush=True)
 
 
+#: Chunk variants the stress writers draw from: a small pool, so steps share chunks and
+#: later saves dedupe against chunks that retention orphaned earlier.
+STRESS_VARIANTS = 12
+STRESS_CHUNKING = ckptstore.ChunkingPolicy(chunk_size=32 << 10, small_tensor_limit=512, pack_size=2048)
+
+
+def stress_state(step: int) -> dict[str, Any]:
+    """The state stress writers save as `step`: 4 tensors picked from STRESS_VARIANTS."""
+    import torch
+
+    picks = [(step * 7 + i * 5) % STRESS_VARIANTS for i in range(4)]
+    return {f"t{i}": torch.randn(8 << 10, generator=torch.Generator().manual_seed(v)) for i, v in enumerate(picks)}
+
+
+def stress_writer(url: str, writer: int, seconds: float) -> None:
+    """Save steps writer*100000 + 1, 2, ... for `seconds`, keeping the last 2 (so earlier
+    steps' refs are deleted and their chunks orphaned while later saves reuse them)."""
+    import random
+
+    rng = random.Random(writer)
+    store = ckptstore.open(url, chunking=STRESS_CHUNKING)
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        step = writer * 100_000 + n
+        store.save(step, stress_state(step), keep_last=2)
+        print(f"committed {step}", flush=True)
+        time.sleep(rng.uniform(0.05, 0.4))  # trainers compute between saves: gc gets windows
+
+
+def stress_gc(url: str, seconds: float, delete_delay: float) -> None:
+    """Run gc(min_age=0) back to back for `seconds`; each delete delayed by `delete_delay`."""
+    from ckptstore.store import Store
+    from ckptstore.testing.wrappers import SlowDeleteBackend
+    from ckptstore.url import open_backend
+
+    backend = open_backend(url)
+    store = Store(SlowDeleteBackend(backend, delay=delete_delay) if delete_delay else backend)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        report = store.gc(min_age=0)
+        print(f"gc ran={int(report.ran)} deleted={report.deleted_chunks + report.deleted_manifests}", flush=True)
+
+
 USAGE = """usage: python -m ckptstore.testing.scenarios crash-saver URL FIRST_STEP OVERWRITE_EVERY
-       python -m ckptstore.testing.scenarios slow-saver URL STEP SEED DELAY"""
+       python -m ckptstore.testing.scenarios slow-saver URL STEP SEED DELAY
+       python -m ckptstore.testing.scenarios stress-writer URL WRITER SECONDS
+       python -m ckptstore.testing.scenarios stress-gc URL SECONDS DELETE_DELAY"""
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "crash-saver":
         crash_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif len(sys.argv) == 6 and sys.argv[1] == "slow-saver":
         slow_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "stress-writer":
+        stress_writer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "stress-gc":
+        stress_gc(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
     else:
         sys.exit(USAGE)
