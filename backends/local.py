@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
@@ -258,6 +259,22 @@ class LocalBackend(Backend):
             if st.st_size <= _HASHED_VERSION_LIMIT:
                 version = self._current_version(os.path.join(self.root, *key.split("/"))) or version
             yield ObjectInfo(key, st.st_size, version, st.st_mtime)
+
+    def cleanup_staging(self, min_age: float) -> int:
+        """Remove staging files older than `min_age` seconds (left by crashed puts); return how many."""
+        removed = 0
+        cutoff = time.time() - min_age
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -286,6 +286,23 @@ class S3Backend(Backend):
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
                 raise
 
+    def cleanup_staging(self, min_age: float) -> int:
+        """Abort multipart uploads under this prefix started more than `min_age` seconds ago
+        (a killed save leaves them; they are invisible to listings and cost storage)."""
+        aborted = 0
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        cutoff = time.time() - min_age
+        with translate_errors(prefix, "cleanup_staging"):
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", ()):
+                    if upload["Initiated"].timestamp() < cutoff:
+                        with contextlib.suppress(Exception):
+                            self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                                UploadId=upload["UploadId"])
+                            aborted += 1
+        return aborted
+
     def delete(self, key: str) -> None:
         with translate_errors(key, "delete"):
             self._client.delete_object(Bucket=self.bucket, Key=self._name(key))

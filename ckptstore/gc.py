@@ -45,6 +45,7 @@ class GCReport:
     deleted_bytes: int = 0
     kept_young: int = 0  # unreachable, but younger than min_age
     broken_refs: list[str] = field(default_factory=list)  # refs whose manifest is unreadable
+    staging_removed: int = 0  # local staging files / S3 multipart uploads left by crashes
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,8 +107,8 @@ def collect_garbage(store: Store, *, owner: str, dry_run: bool = False, min_age:
                 _sweep(store, manifests, chunks, report, now=now, min_age=min_age, ttl=ttl, delete=True,
                        owner=owner)
                 cleanup = getattr(backend, "cleanup_staging", None)
-                if callable(cleanup):
-                    cleanup(min_age)
+                if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
+                    report.staging_removed = int(cleanup(min_age))
                 report.ran = True
         finally:
             set_epoch(backend, running=False, owner=owner, swept_in=swept_in)

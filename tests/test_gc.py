@@ -136,3 +136,26 @@ def test_stale_leases_are_ignored_listed_and_cleared(store_url: str) -> None:
     assert store.gc(min_age=0).ran, "a stale lease must not block gc"
     assert [lock.name for lock in store.clear_stale_locks()] == ["locks/save-deadbeefdeadbeef"]
     assert not any(lock.kind == "save" for lock in store.locks())
+
+
+def test_gc_removes_crash_leftovers_local_staging(tmp_path) -> None:
+    store = ckptstore.open(tmp_path / "s")
+    store.save(1, {"a": 1})
+    leftover = tmp_path / "s" / "tmp" / "0123abcd.tmp"
+    leftover.write_bytes(b"half a chunk from a killed save")
+    assert store.gc(min_age=3600).staging_removed == 0 and leftover.exists()
+    assert store.gc(min_age=0).staging_removed == 1 and not leftover.exists()
+
+
+def test_gc_aborts_unfinished_multipart_uploads(s3_server, s3_bucket: str) -> None:
+    store = ckptstore.open(f"s3://{s3_bucket}/run")
+    store.save(1, {"a": 1})
+    client = s3_server.client()
+    upload = client.create_multipart_upload(Bucket=s3_bucket, Key="run/chunks/ab/" + "ab" * 32)
+    client.upload_part(Bucket=s3_bucket, Key="run/chunks/ab/" + "ab" * 32, UploadId=upload["UploadId"],
+                       PartNumber=1, Body=b"x" * (5 << 20))
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+    assert store.gc(min_age=3600).staging_removed == 0
+    time.sleep(1.1)  # Initiated has 1 s resolution
+    assert store.gc(min_age=0).staging_removed == 1
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")

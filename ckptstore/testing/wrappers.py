@@ -45,6 +45,10 @@ class ForwardingBackend(Backend):
     def close(self) -> None:
         self.inner.close()
 
+    def cleanup_staging(self, min_age: float) -> int:
+        cleanup = getattr(self.inner, "cleanup_staging", None)
+        return int(cleanup(min_age)) if callable(cleanup) else 0
+
 
 class CountingBackend(ForwardingBackend):
     """Counts requests as (operation, first key segment), e.g. ("put", "chunks"), and logs
