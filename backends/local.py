@@ -65,6 +65,9 @@ def _translate(key: str, operation: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.ENOTDIR:
             raise ObjectNotFoundError("no such object", key=key, operation=operation) from exc
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where an object should be
+            raise BackendError("refusing to follow a symlink inside the store", key=key,
+                               operation=operation) from exc
         raise BackendError(f"filesystem error: {exc}", key=key, operation=operation) from exc
 
 
@@ -77,13 +80,29 @@ class LocalBackend(Backend):
         self._tmp = os.path.join(self.root, TMP_DIR)
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
+        self._real_root = os.path.realpath(self.root)
+        self._inside_dirs: set[str] = set()
 
     # -- paths ---------------------------------------------------------------------------
     def _path(self, key: str) -> str:
         validate_key(key)
         if key == TMP_DIR or key.startswith(TMP_DIR + "/"):
             raise InvalidKeyError(f"key {key!r} is inside the reserved tmp/ area")
-        return os.path.join(self.root, *key.split("/"))
+        path = os.path.join(self.root, *key.split("/"))
+        self._check_inside(os.path.dirname(path), key)
+        return path
+
+    def _check_inside(self, directory: str, key: str) -> None:
+        """Refuse keys whose directory resolves outside the root (a symlinked fan-out
+        directory in a store copied from elsewhere must not redirect writes)."""
+        if directory in self._inside_dirs:
+            return
+        real = os.path.realpath(directory)
+        if real != self._real_root and not real.startswith(self._real_root + os.sep):
+            raise InvalidKeyError(f"key {key!r} resolves outside the store root (a symlink?): {real}")
+        if os.path.isdir(directory):  # only cache what exists: a later mkdir is re-checked
+            with self._dirs_lock:
+                self._inside_dirs.add(directory)
 
     def _ensure_dir(self, path: str) -> None:
         """Create `path` and fsync each parent whose entries changed, once per process."""
@@ -139,7 +158,7 @@ class LocalBackend(Backend):
     def get(self, key: str) -> GetResult:
         path = self._path(key)
         with _translate(key, "get"):
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 st = os.fstat(fd)
                 data = _read_exact(fd, 0, st.st_size)
@@ -150,7 +169,7 @@ class LocalBackend(Backend):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         path = self._path(key)
         with _translate(key, "get_range"):
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 return _read_exact(fd, start, length)
             finally:
@@ -159,7 +178,7 @@ class LocalBackend(Backend):
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         path = self._path(key)
         with _translate(key, "read_into"):
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 pending = [b.cast("B") for b in buffers if b.nbytes]
                 total = 0
@@ -212,7 +231,7 @@ class LocalBackend(Backend):
     @staticmethod
     def _current_version(path: str) -> str | None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         try:
@@ -223,7 +242,7 @@ class LocalBackend(Backend):
     def head(self, key: str) -> ObjectInfo:
         path = self._path(key)
         with _translate(key, "head"):
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 st = os.fstat(fd)
                 return ObjectInfo(key, st.st_size, _version(fd, st), st.st_mtime)

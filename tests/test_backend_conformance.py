@@ -12,7 +12,13 @@ import pytest
 from ckptstore.backends.base import PutMode
 from ckptstore.backends.local import TMP_DIR, LocalBackend
 from ckptstore.backends.memory import MemoryBackend, drop_memory_space
-from ckptstore.errors import AlreadyExistsError, InvalidKeyError, ObjectNotFoundError, PreconditionFailedError
+from ckptstore.errors import (
+    AlreadyExistsError,
+    BackendError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+)
 from ckptstore.testing.conformance import BackendConformance
 
 
@@ -209,3 +215,30 @@ class TestLocalBackendOnly:
         assert not os.path.exists(root)
         backend.put("x", b"1")
         assert (root / "x").is_file()
+
+
+class TestLocalBackendSymlinks:
+    """A store directory copied from elsewhere may contain symlinks: never follow them out."""
+
+    def test_symlinked_fanout_directory_cannot_redirect_writes(self, tmp_path: Path) -> None:
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        root = tmp_path / "store"
+        (root / "chunks").mkdir(parents=True)
+        (root / "chunks" / "ab").symlink_to(outside)
+        backend = LocalBackend(root)
+        with pytest.raises(InvalidKeyError, match="outside the store root"):
+            backend.put("chunks/ab/" + "ab" * 32, b"payload")
+        with pytest.raises(InvalidKeyError):
+            backend.get("chunks/ab/" + "ab" * 32)
+        assert list(outside.iterdir()) == []
+
+    def test_symlinked_object_is_not_followed(self, tmp_path: Path) -> None:
+        secret = tmp_path / "secret"
+        secret.write_bytes(b"do not read")
+        root = tmp_path / "store"
+        (root / "refs" / "steps").mkdir(parents=True)
+        (root / "refs" / "steps" / "00000000000000000001").symlink_to(secret)
+        backend = LocalBackend(root)
+        with pytest.raises(BackendError, match="symlink"):
+            backend.get("refs/steps/00000000000000000001")
