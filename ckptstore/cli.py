@@ -38,9 +38,9 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
 
     def line(cells: list[str]) -> str:
         padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded)
+        return "  ".join(padded).rstrip()
 
-    return "\n".join([line(headers), *(line(r) for r in rows)]).rstrip()
+    return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
 def _print_json(obj: Any) -> None:
@@ -58,16 +58,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
     with _open(args.url) as store:
         rows = step_summaries(store)
+        tags: dict[int, list[str]] = {}
+        for name, step in store.tags().items():
+            tags.setdefault(step, []).append(name)
     if args.json:
-        _print_json([r.as_dict() for r in rows])
+        _print_json([{**r.as_dict(), "tags": tags.get(r.step, [])} for r in rows])
         return EXIT_OK
     if not rows:
         print(f"no steps in {args.url}")
         return EXIT_OK
     print(_table(
-        ["STEP", "COMMITTED (UTC)", "TENSORS", "LOGICAL", "STORED", "NEW", "SEQ"],
+        ["STEP", "COMMITTED (UTC)", "TENSORS", "LOGICAL", "STORED", "NEW", "SEQ", "TAGS"],
         [[str(r.step), _time(r.committed), str(r.tensors), human_bytes(r.logical_bytes),
-          human_bytes(r.stored_bytes), human_bytes(r.new_bytes), str(r.seq)] for r in rows],
+          human_bytes(r.stored_bytes), human_bytes(r.new_bytes), str(r.seq), ",".join(tags.get(r.step, []))]
+         for r in rows],
         right={0, 2, 3, 4, 5, 6},
     ))
     logical = sum(r.logical_bytes for r in rows)
@@ -190,6 +194,267 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_ERROR
 
 
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648, '500MB' -> 500000000, '4096' -> 4096 (argparse type)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 500MB or a byte count)")
+    value = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _step_arg(text: str) -> int | str:
+    """A step number, or 'latest' (argparse type)."""
+    if text == "latest":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a step: {text!r} (use a number or 'latest')")
+    return int(text)
+
+
+def _resolve_step(store: Any, step: int | str) -> int:
+    if step == "latest":
+        latest = store.latest()
+        if latest is None:
+            raise errors.StepNotFoundError("latest", store.url)
+        return int(latest)
+    return int(step)
+
+
+def _select_steps(specs: Sequence[str], existing: list[int], url: str) -> list[int]:
+    """Steps named on the command line: a range selects the existing steps inside it; a single
+    step that does not exist is a StepNotFoundError."""
+    wanted = _parse_steps(specs)
+    present = set(existing)
+    ranged = {s for spec in specs if "-" in spec for s in _parse_steps([spec])}
+    for step in wanted:
+        if step not in present and step not in ranged:
+            raise errors.StepNotFoundError(step, url)
+    return sorted({s for s in wanted if s in present})
+
+
+def _check_step_specs(command: str, specs: Sequence[str] | None) -> bool:
+    try:
+        _parse_steps(specs or [])
+    except argparse.ArgumentTypeError as exc:
+        print(f"ckptstore {command}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from ckptstore.verify import verify
+
+    if not _check_step_specs("verify", args.steps):
+        return EXIT_USAGE
+    with _open(args.url) as store:
+        steps = _select_steps(args.steps, store.steps(), store.url) if args.steps else None
+        if steps == []:
+            print("no committed steps in that range", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        report = verify(store, steps, deep=args.deep, progress=True)
+    if args.json:
+        _print_json(report.as_dict())
+        return EXIT_OK if report.ok else EXIT_ERROR
+    for p in report.problems:
+        print(f"step {p.step}  {p.kind}  {p.key}  {p.detail}")
+    what = f"{report.steps_checked} steps, {report.manifests_checked} manifests, {report.chunks_checked} chunks"
+    how = f"deep: read {human_bytes(report.bytes_read)}" if report.deep else "shallow: sizes only, --deep re-hashes"
+    if report.ok:
+        print(f"ok: verified {what} ({how}) in {report.seconds:.1f}s")
+        return EXIT_OK
+    keys = len({p.key for p in report.problems})
+    print(f"FAILED: {len(report.problems)} problems ({keys} damaged objects) in steps "
+          f"{_brief(report.damaged_steps)}; verified {what} ({how})")
+    return EXIT_ERROR
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from ckptstore.report import disk_usage
+
+    with _open(args.url) as store:
+        usage = disk_usage(store)
+    if args.json:
+        _print_json(usage.as_dict())
+        return EXIT_OK
+    ratio = f"{usage.dedup_ratio:.2f}x" if usage.dedup_ratio is not None else "-"
+    print(f"steps       {usage.steps}" + (f" ({usage.tags} tags)" if usage.tags else ""))
+    print(f"logical     {human_bytes(usage.logical_bytes)}  (tensor bytes summed over steps)")
+    print(f"referenced  {human_bytes(usage.referenced_chunk_bytes)} in {usage.referenced_chunks} chunks "
+          f"(dedup {ratio})")
+    print(f"stored      {human_bytes(usage.stored_bytes)}: {usage.stored_chunks} chunks "
+          f"{human_bytes(usage.stored_chunk_bytes)}, {usage.stored_manifests} manifests "
+          f"{human_bytes(usage.stored_manifest_bytes)}")
+    print(f"garbage     {human_bytes(usage.garbage_bytes)} in {usage.garbage_objects} objects "
+          f"(no ref reaches them; gc frees them)")
+    if usage.missing_objects:
+        print(f"missing     {usage.missing_objects} referenced objects are not stored: run ckptstore verify")
+    for line in usage.unreadable_refs:
+        print(f"unreadable  {line}")
+    return EXIT_OK
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    import ckptstore
+    from ckptstore.copy import copy_steps
+
+    if not _check_step_specs("cp", args.steps):
+        return EXIT_USAGE
+    with _open(args.src) as src:
+        steps = _select_steps(args.steps, src.steps(), src.url) if args.steps else None
+        if steps == []:
+            print("no committed steps in that range", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        # A new destination store gets the source's hash algorithm, so keys stay the same.
+        with ckptstore.open(args.dst, hash_algorithm=src.marker.hash_algorithm) as dst:
+            report = copy_steps(src, dst, steps, overwrite=args.overwrite, skip_existing=args.skip_existing,
+                                progress=True)
+    if args.json:
+        _print_json(report.as_dict())
+        return EXIT_OK
+    print(f"copied {report.steps_copied} steps" + (f" ({_brief(report.steps)})" if report.steps else "")
+          + f" from {redact(report.src)} to {redact(report.dst)}: {report.chunks_copied} chunks, "
+          f"{human_bytes(report.bytes_copied)} transferred, {report.chunks_skipped} chunks already there "
+          f"({report.seconds:.1f}s)")
+    return EXIT_OK
+
+
+def _needs_safetensors(command: str) -> int:
+    print(f"ckptstore {command}: needs the safetensors package: pip install 'ckptstore[safetensors]'",
+          file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from ckptstore.interop import export_safetensors
+    except ImportError:
+        return _needs_safetensors("export")
+    with _open(args.url) as store:
+        step = _resolve_step(store, args.step)
+        try:
+            files = export_safetensors(store, step, args.out, max_shard_bytes=args.max_shard_size, progress=True)
+        except ImportError:
+            return _needs_safetensors("export")
+        except OSError as exc:
+            print(f"ckptstore export: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    if args.json:
+        _print_json({"step": step, "files": [str(f) for f in files]})
+        return EXIT_OK
+    print(f"exported step {step} to {len(files)} file(s):")
+    for f in files:
+        print(f"  {f}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import ckptstore
+
+    try:
+        from ckptstore.interop import detect_format, import_checkpoint
+    except ImportError:
+        return _needs_safetensors("import")
+    kind = detect_format(args.source)
+    with ckptstore.open(args.url) as store:
+        try:
+            info = import_checkpoint(store, args.step, args.source, overwrite=args.overwrite)
+        except ImportError:
+            return _needs_safetensors("import")
+        except OSError as exc:
+            print(f"ckptstore import: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+    if args.json:
+        _print_json({"format": kind, **info.__dict__})
+        return EXIT_OK
+    print(f"imported {args.source} ({kind}) as step {info.step}: {info.tensors} tensors, "
+          f"{human_bytes(info.logical_bytes)} logical, {human_bytes(info.new_bytes)} new in "
+          f"{info.new_chunks} of {info.chunks} chunks" + (" (replaced the step)" if info.replaced else ""))
+    return EXIT_OK
+
+
+def _print_fields(fields: dict[str, Any]) -> None:
+    width = max((len(k) for k in fields), default=0)
+    for name, value in fields.items():
+        if name.endswith("_bytes") and isinstance(value, int):
+            value = human_bytes(value)
+        elif isinstance(value, float):
+            value = f"{value:.2f}"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) if value else "-"
+        print(f"{name.replace('_', ' '):{width}}  {value}")
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _open(args.url) as store:
+        report = store.gc(dry_run=args.dry_run, min_age=args.min_age)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        _print_fields(report.as_dict())
+    return EXIT_OK
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    with _open(args.url) as store:
+        if args.delete:
+            if args.name is None or args.step is not None:
+                print("ckptstore tag: --delete takes a NAME and no STEP", file=sys.stderr)
+                return EXIT_USAGE
+            store.untag(args.name)
+            result: dict[str, Any] = {"deleted": args.name}
+            text = f"deleted tag {args.name}"
+        elif args.step is not None:
+            step = _resolve_step(store, args.step)
+            store.tag(args.name, step, overwrite=args.force)
+            result = {"tag": args.name, "step": step}
+            text = f"tagged step {step} as {args.name}"
+        else:
+            tags = store.tags()
+            if args.name is not None:
+                if args.name not in tags:
+                    raise errors.TagNotFoundError(args.name, store.url)
+                tags = {args.name: tags[args.name]}
+            if args.json:
+                _print_json(tags)
+            elif tags:
+                print(_table(["TAG", "STEP"], [[n, str(s)] for n, s in tags.items()], right={1}))
+            else:
+                print(f"no tags in {args.url}")
+            return EXIT_OK
+    if args.json:
+        _print_json(result)
+    else:
+        print(text)
+    return EXIT_OK
+
+
+def cmd_locks(args: argparse.Namespace) -> int:
+    with _open(args.url) as store:
+        cleared = store.clear_stale_locks() if args.clear_stale else []
+        locks = store.locks()
+    if args.json:
+        _print_json({"locks": [lock.as_dict() for lock in locks], "cleared": [lock.as_dict() for lock in cleared]})
+        return EXIT_OK
+    for lock in cleared:
+        print(f"cleared stale {lock.kind} {lock.name} (owner {lock.owner}, {lock.age_seconds:.0f}s old)")
+    if locks:
+        print(_table(["NAME", "KIND", "OWNER", "AGE", "STALE"],
+                     [[lk.name, lk.kind, lk.owner, f"{lk.age_seconds:.0f}s", "stale" if lk.stale else ""]
+                      for lk in locks], right={3}))
+    else:
+        print(f"no locks in {args.url}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptstore.demo import run_demo
 
@@ -239,6 +504,103 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print JSON for scripts")
     doctor.set_defaults(run=cmd_doctor)
 
+    verify = sub.add_parser("verify", help="check that steps are intact (exit 1 on problems)",
+                            description="Check every step (or the STEPs given): its ref decodes, its manifest exists "
+                                        "and hashes to its key, and every chunk exists with the recorded size. "
+                                        "--deep also reads, decodes and re-hashes every chunk. Each object is "
+                                        "checked once; every problem is listed, for every step it affects. "
+                                        "Exit 0 when intact, 1 when anything is damaged or missing.")
+    verify.add_argument("url", help="store URL or path")
+    verify.add_argument("steps", nargs="*", metavar="STEP", help="steps or inclusive ranges like 100-200 "
+                        "(default: every step)")
+    verify.add_argument("--deep", action="store_true", help="read and re-hash every chunk (reads all data)")
+    verify.add_argument("--json", action="store_true", help="print JSON for scripts")
+    verify.set_defaults(run=cmd_verify)
+
+    du = sub.add_parser("du", help="disk usage: logical, stored, dedup and garbage bytes",
+                        description="Show logical bytes (summed over steps), the stored bytes steps reference and "
+                                    "the dedup ratio, everything stored under chunks/ and manifests/, and the "
+                                    "garbage no ref reaches (what gc frees). Reads refs and manifests and lists "
+                                    "objects; never reads chunk data.")
+    du.add_argument("url", help="store URL or path")
+    du.add_argument("--json", action="store_true", help="print JSON for scripts")
+    du.set_defaults(run=cmd_du)
+
+    cp = sub.add_parser("cp", help="copy steps between stores (any backends)",
+                        description="Copy steps from SRC to DST (local, s3://, gs://, in any combination). Only "
+                                    "chunks DST lacks are transferred, each checked against its hash first; then "
+                                    "the manifest, then the step is committed exactly as a save commits it. A new "
+                                    "DST store is created with SRC's hash algorithm. A step that exists in DST is "
+                                    "an error (exit 4) unless --overwrite or --skip-existing.")
+    cp.add_argument("src", metavar="SRC", help="source store URL or path")
+    cp.add_argument("dst", metavar="DST", help="destination store URL or path (created if absent)")
+    cp.add_argument("--steps", nargs="+", metavar="STEP", default=None,
+                    help="steps or inclusive ranges like 100-200 (default: every step)")
+    mode = cp.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="atomically replace steps that exist in DST")
+    mode.add_argument("--skip-existing", action="store_true", help="leave steps that exist in DST as they are")
+    cp.add_argument("--json", action="store_true", help="print JSON for scripts")
+    cp.set_defaults(run=cmd_cp)
+
+    export = sub.add_parser("export", help="write a step as safetensors (needs torch and safetensors)",
+                            description="Write STEP ('latest' for the newest) as a safetensors file, or, when OUT "
+                                        "ends with '/', is a directory, or --max-shard-size is given, as "
+                                        "model-0000i-of-0000N.safetensors shards plus model.safetensors.index.json. "
+                                        "Tensor names are tree paths joined with '.'; the other values of the state "
+                                        "go into the metadata as JSON (key ckptstore.tree).")
+    export.add_argument("url", help="store URL or path")
+    export.add_argument("step", type=_step_arg, help="step number or 'latest'")
+    export.add_argument("out", help="output .safetensors file, or a directory for shards")
+    export.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                        help="shard size limit, e.g. 2GiB or 5GB (implies a sharded directory)")
+    export.add_argument("--json", action="store_true", help="print JSON for scripts")
+    export.set_defaults(run=cmd_export)
+
+    imp = sub.add_parser("import", help="save a safetensors, torch.save or DCP checkpoint as a step",
+                         description="Save SOURCE as STEP: a .safetensors file or a directory with a "
+                                     "*.safetensors.index.json, a torch.save file (read with "
+                                     "torch.load(weights_only=True)), or a torch.distributed.checkpoint directory "
+                                     "(it has a .metadata file; read with restricted unpickling). The store is "
+                                     "created if absent. Exit 4 if the step exists and no --overwrite.")
+    imp.add_argument("url", help="store URL or path")
+    imp.add_argument("step", type=int, help="step number to save as")
+    imp.add_argument("source", help="checkpoint file or directory")
+    imp.add_argument("--overwrite", action="store_true", help="atomically replace the step if it exists")
+    imp.add_argument("--json", action="store_true", help="print JSON for scripts")
+    imp.set_defaults(run=cmd_import)
+
+    gc = sub.add_parser("gc", help="free chunks and manifests no ref reaches",
+                        description="Delete chunks and manifests that no step or tag references and that are older "
+                                    "than --min-age. Safe while other processes save: gc stands down while save "
+                                    "leases are fresh. --dry-run only reports what it would free.")
+    gc.add_argument("url", help="store URL or path")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
+    gc.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="keep unreferenced objects younger than this (default 3600)")
+    gc.add_argument("--json", action="store_true", help="print JSON for scripts")
+    gc.set_defaults(run=cmd_gc)
+
+    tag = sub.add_parser("tag", help="list, set or delete named refs (tags) of steps",
+                         description="'tag URL' lists tags; 'tag URL NAME' shows one; 'tag URL NAME STEP' names a "
+                                     "step (exit 4 if NAME exists, unless --force); 'tag URL NAME --delete' removes "
+                                     "it. A tagged step is kept by retention, and its data by gc.")
+    tag.add_argument("url", help="store URL or path")
+    tag.add_argument("name", nargs="?", default=None, help="tag name (letters, digits, '.', '_', '-')")
+    tag.add_argument("step", nargs="?", type=_step_arg, default=None, help="step number or 'latest'")
+    tag.add_argument("-f", "--force", action="store_true", help="move the tag if it names another step")
+    tag.add_argument("--delete", action="store_true", help="delete the tag NAME")
+    tag.add_argument("--json", action="store_true", help="print JSON for scripts")
+    tag.set_defaults(run=cmd_tag)
+
+    locks = sub.add_parser("locks", help="list leases and locks; clear stale ones",
+                           description="List objects under locks/ (save and load leases, the gc lock and epoch) with "
+                                       "owner, age and whether they are stale (not refreshed within the lease TTL: "
+                                       "their holder died). --clear-stale deletes the stale ones.")
+    locks.add_argument("url", help="store URL or path")
+    locks.add_argument("--clear-stale", action="store_true", help="delete stale leases and locks")
+    locks.add_argument("--json", action="store_true", help="print JSON for scripts")
+    locks.set_defaults(run=cmd_locks)
+
     demo = sub.add_parser("demo", help="train a tiny model, save, overwrite, resume (needs torch)",
                           description="Train a tiny model on CPU, saving every step into DIR; show the "
                                       "StepExistsError, an atomic overwrite, a resume, and the listing.")
@@ -255,11 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (errors.StepNotFoundError, errors.StoreNotFoundError) as exc:
         print(f"ckptstore {args.command}: {exc}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    except (errors.StepExistsError, errors.CommitConflictError) as exc:
+    except (errors.StepExistsError, errors.CommitConflictError, errors.TagExistsError) as exc:
         print(f"ckptstore {args.command}: {exc}", file=sys.stderr)
         return EXIT_EXISTS
     except errors.CkptStoreError as exc:
-        where = f" {redact(args.url)}" if getattr(args, "url", None) else ""
+        url = getattr(args, "url", None) or getattr(args, "src", None)
+        where = f" {redact(url)}" if url else ""
         print(f"ckptstore {args.command}{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

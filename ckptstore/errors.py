@@ -22,6 +22,8 @@ The tree::
     ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
     │   └── UnsupportedFormatError    written by a newer/unknown format version
     ├── UnsupportedValueError         the state holds a value the format cannot represent
+    ├── IncompatibleStoresError       cp between stores with different hash algorithms
+    ├── InteropError                  a foreign checkpoint (DCP, torch.save, safetensors) that cannot be converted
     └── StateMismatchError            load(into=...) found a tensor of another shape or dtype
 
 Backend errors carry the key and the operation so a message always says what failed where.
@@ -32,8 +34,20 @@ from __future__ import annotations
 import datetime as _dt
 
 
+def _rebuild(cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]) -> BaseException:
+    error = cls.__new__(cls)
+    BaseException.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
 class CkptStoreError(Exception):
     """Root of every error raised by ckptstore."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (DCP broadcasts the coordinator's failure to every
+        # rank). Their __init__ signatures differ from their args: rebuild without calling it.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class BackendError(CkptStoreError):
@@ -164,6 +178,15 @@ class UnsupportedValueError(CkptStoreError, TypeError):
     def __init__(self, path: str, reason: str):
         self.path = path
         super().__init__(f"cannot save value at {path}: {reason}")
+
+
+class IncompatibleStoresError(CkptStoreError, ValueError):
+    """Two stores whose objects cannot be copied between them (different hash algorithms)."""
+
+
+class InteropError(CkptStoreError, ValueError):
+    """A foreign checkpoint that cannot be converted: unknown format, a refused pickle class,
+    a dtype the target format cannot hold."""
 
 
 class StateMismatchError(CkptStoreError, ValueError):

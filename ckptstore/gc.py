@@ -108,7 +108,9 @@ def collect_garbage(store: Store, *, owner: str, dry_run: bool = False, min_age:
                        owner=owner)
                 cleanup = getattr(backend, "cleanup_staging", None)
                 if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
-                    report.staging_removed = int(cleanup(min_age))
+                    # Never younger than the lease TTL: a save this gc did not see (it began
+                    # after the lease listing) may be mid-put; a dead writer's leftovers are older.
+                    report.staging_removed = int(cleanup(max(min_age, ttl)))
                 report.ran = True
         finally:
             set_epoch(backend, running=False, owner=owner, swept_in=swept_in)

@@ -1,4 +1,4 @@
-"""Read-only summaries of a store for people and scripts (the CLI's ls and show).
+"""Read-only summaries of a store for people and scripts (the CLI's ls, show and du).
 
 Reads refs and manifests only, never chunk data, and never imports torch.
 """
@@ -89,3 +89,132 @@ def step_details(store: Store, step: int) -> dict[str, Any]:
         "chunks": len(manifest.chunks),
         "tensors": [t.__dict__ for t in tensor_summaries(store, step)],
     }
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """What a store holds, from its refs, manifests and one listing of chunks/ and manifests/.
+
+    - logical: tensor bytes summed over every step (what the steps would take undeduplicated);
+    - referenced: distinct chunks (and manifests) that committed steps reference, with their
+      stored sizes; `dedup_ratio` = logical_bytes / referenced_chunk_bytes;
+    - stored: every object listed under chunks/ and manifests/;
+    - garbage: listed objects that no ref reaches (steps or tags): what gc would free
+      (minus what is younger than its --min-age);
+    - missing: objects a ref reaches that the listing does not hold (run verify).
+    """
+
+    url: str
+    steps: int
+    tags: int
+    logical_bytes: int
+    referenced_chunks: int
+    referenced_chunk_bytes: int
+    referenced_manifests: int
+    dedup_ratio: float | None  # None when nothing is referenced
+    stored_chunks: int
+    stored_chunk_bytes: int
+    stored_manifests: int
+    stored_manifest_bytes: int
+    garbage_objects: int
+    garbage_bytes: int
+    missing_objects: int
+    unreadable_refs: list[str]  # "key: reason" for refs or manifests that could not be read
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.stored_chunk_bytes + self.stored_manifest_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "stored_bytes": self.stored_bytes}
+
+
+def disk_usage(store: Store) -> DiskUsage:
+    """Sizes of `store`: logical, referenced, stored and garbage bytes (see DiskUsage).
+
+    Reads every ref and manifest once and lists chunks/ and manifests/; never reads chunk data.
+    Tags are found as refs under refs/tags/ (a tag keeps its manifest alive like a step does).
+    """
+    from ckptstore import keys
+    from ckptstore.chunkio import bounded_map
+    from ckptstore.commit import read_ref
+    from ckptstore.errors import CkptStoreError
+    from ckptstore.manifest import Manifest
+
+    backend = store.backend
+    ref_keys = sorted(info.key for info in backend.list("refs/"))
+    step_keys = {key for key in ref_keys if keys.step_from_ref_key(key) is not None}
+    unreadable: list[str] = []
+
+    def read(key: str) -> tuple[str, str | None, str | None]:
+        try:
+            found = read_ref(backend, key)
+        except CkptStoreError as exc:
+            return key, None, f"{type(exc).__name__}: {exc}"
+        return key, (found[0].manifest if found else None), None
+
+    ref_manifest: dict[str, str] = {}
+    for key, digest, error in bounded_map(read, ref_keys, store.threads):
+        if error is not None:
+            unreadable.append(f"{key}: {error}")
+        elif digest is not None:
+            ref_manifest[key] = digest
+
+    def fetch(digest: str) -> tuple[str, Manifest | None, str | None]:
+        try:
+            return digest, store.manifest(digest), None
+        except CkptStoreError as exc:
+            return digest, None, f"{type(exc).__name__}: {exc}"
+
+    manifests: dict[str, Manifest] = {}
+    for digest, manifest, error in bounded_map(fetch, sorted(set(ref_manifest.values())), store.threads):
+        if manifest is not None:
+            manifests[digest] = manifest
+        else:
+            unreadable.append(f"{keys.manifest_key(digest)}: {error}")
+
+    logical = 0
+    step_chunks: dict[str, int] = {}
+    for key, digest in ref_manifest.items():
+        if key in step_keys and digest in manifests:
+            logical += manifests[digest].logical_bytes
+            step_chunks.update((c.digest, c.stored_size) for c in manifests[digest].chunks)
+    reachable_chunks = {c.digest for m in manifests.values() for c in m.chunks}
+    reachable_manifests = set(ref_manifest.values())
+
+    listed: dict[str, tuple[str, int]] = {}  # key -> (prefix, size)
+    for prefix in (keys.CHUNKS, keys.MANIFESTS):
+        for info in backend.list(prefix):
+            listed[info.key] = (prefix, info.size)
+    garbage_objects = garbage_bytes = 0
+    listed_digests: set[tuple[str, str]] = set()
+    for key, (prefix, size) in listed.items():
+        try:
+            digest = keys.digest_from_key(key)
+        except CkptStoreError:
+            digest = ""
+        listed_digests.add((prefix, digest))
+        if digest not in (reachable_chunks if prefix == keys.CHUNKS else reachable_manifests):
+            garbage_objects += 1
+            garbage_bytes += size
+    missing = (sum((keys.CHUNKS, d) not in listed_digests for d in reachable_chunks)
+               + sum((keys.MANIFESTS, d) not in listed_digests for d in reachable_manifests))
+    referenced_bytes = sum(step_chunks.values())
+    return DiskUsage(
+        url=store.url,
+        steps=sum(key in step_keys for key in ref_manifest),
+        tags=sum(key.startswith(keys.TAG_REFS) for key in ref_manifest),
+        logical_bytes=logical,
+        referenced_chunks=len(step_chunks),
+        referenced_chunk_bytes=referenced_bytes,
+        referenced_manifests=len({d for k, d in ref_manifest.items() if k in step_keys}),
+        dedup_ratio=logical / referenced_bytes if referenced_bytes else None,
+        stored_chunks=sum(p == keys.CHUNKS for p, _ in listed.values()),
+        stored_chunk_bytes=sum(s for p, s in listed.values() if p == keys.CHUNKS),
+        stored_manifests=sum(p == keys.MANIFESTS for p, _ in listed.values()),
+        stored_manifest_bytes=sum(s for p, s in listed.values() if p == keys.MANIFESTS),
+        garbage_objects=garbage_objects,
+        garbage_bytes=garbage_bytes,
+        missing_objects=missing,
+        unreadable_refs=unreadable,
+    )

@@ -83,7 +83,7 @@ class StepInfo:
     manifest: Manifest
 
 
-def _writer_identity() -> str:
+def writer_identity() -> str:
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -174,7 +174,7 @@ class Store:
         # The epoch is read before the lease exists: a gc that lists leases before our lease
         # appears must have bumped the epoch after this read, and we see that at commit.
         epoch_at_start, _ = read_epoch(self.backend)
-        with Lease(self.backend, "save", _writer_identity(), ttl=self.lease_ttl):
+        with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
             info = self._save_leased(step, state, overwrite, metadata, epoch_at_start, started)
         if keep_last is not None or keep_every is not None:
             deleted = self.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
@@ -219,7 +219,7 @@ class Store:
         self._settle_with_gc(epoch_at_start, plan, written, writer, [s.data for s in sources],
                              manifest_digest, encoded)
 
-        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=_writer_identity())
+        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=writer_identity())
         committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
         new = [r for r in written if r.written]
         return SaveInfo(
@@ -271,7 +271,7 @@ class Store:
         """Name `step` (refs/tags/<name>); a tagged step is never deleted by retention, and
         its data survives gc even if the step's own ref is deleted. Raises TagExistsError."""
         target = self.ref(step)
-        ref = Ref(manifest=target.manifest, step=step, committed=time.time(), writer=_writer_identity())
+        ref = Ref(manifest=target.manifest, step=step, committed=time.time(), writer=writer_identity())
         ensure_conditional_writes(self.backend)
         try:
             return commit_ref(self.backend, keys.tag_ref_key(name), ref, overwrite=overwrite)
@@ -301,7 +301,7 @@ class Store:
         seconds; safe while other processes save (docs/FORMAT.md, "Garbage collection")."""
         if not dry_run:
             ensure_conditional_writes(self.backend)
-        return collect_garbage(self, owner=_writer_identity(), dry_run=dry_run, min_age=min_age,
+        return collect_garbage(self, owner=writer_identity(), dry_run=dry_run, min_age=min_age,
                                ttl=self.lease_ttl)
 
     def locks(self) -> list[LockInfo]:
@@ -375,7 +375,7 @@ class Store:
         """
         # A load lease makes a concurrent gc stand down. Read-only credentials cannot write
         # one: the load goes ahead without (gc's min_age still protects it in practice).
-        with Lease(self.backend, "load", _writer_identity(), ttl=self.lease_ttl, required=False):
+        with Lease(self.backend, "load", writer_identity(), ttl=self.lease_ttl, required=False):
             return self._load_leased(step, into)
 
     def _load_leased(self, step: int | str | None, into: Any) -> Any:

@@ -257,3 +257,14 @@ def test_canary_is_cached_per_url(store_url: str) -> None:
     ckptstore.Store(counting).save(3, {"a": 3})
     canary_puts = [key for op, key in counting.log if op == "put" and key.startswith("locks/canary-")]
     assert len(canary_puts) == 4, "one canary (its four conditional puts) per URL and process"
+
+
+def test_errors_survive_pickling_between_processes() -> None:
+    """Ranks and worker processes pass errors by pickle (DCP broadcasts the coordinator's)."""
+    import pickle
+
+    for error in (ckptstore.StepExistsError(3, 1.0, "w@h:1"), ckptstore.CommitConflictError(1, "a", "b"),
+                  ckptstore.TransientError("slow down", key="k", operation="put"),
+                  ckptstore.TagNotFoundError("best"), ckptstore.UnsupportedValueError("state['x']", "a set")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and copy.__dict__ == error.__dict__

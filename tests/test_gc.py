@@ -139,16 +139,22 @@ def test_stale_leases_are_ignored_listed_and_cleared(store_url: str) -> None:
 
 
 def test_gc_removes_crash_leftovers_local_staging(tmp_path) -> None:
-    store = ckptstore.open(tmp_path / "s")
+    import os
+
+    store = ckptstore.open(tmp_path / "s", lease_ttl=60)
     store.save(1, {"a": 1})
     leftover = tmp_path / "s" / "tmp" / "0123abcd.tmp"
     leftover.write_bytes(b"half a chunk from a killed save")
+    # Younger than the lease TTL: it may belong to a put in flight, even with min_age=0.
+    assert store.gc(min_age=0).staging_removed == 0 and leftover.exists()
+    old = time.time() - 120
+    os.utime(leftover, (old, old))
     assert store.gc(min_age=3600).staging_removed == 0 and leftover.exists()
     assert store.gc(min_age=0).staging_removed == 1 and not leftover.exists()
 
 
 def test_gc_aborts_unfinished_multipart_uploads(s3_server, s3_bucket: str) -> None:
-    store = ckptstore.open(f"s3://{s3_bucket}/run")
+    store = ckptstore.open(f"s3://{s3_bucket}/run", lease_ttl=1.0)
     store.save(1, {"a": 1})
     client = s3_server.client()
     upload = client.create_multipart_upload(Bucket=s3_bucket, Key="run/chunks/ab/" + "ab" * 32)

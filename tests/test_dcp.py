@@ -1,0 +1,347 @@
+"""torch.distributed.checkpoint through a store: ckptstore.dcp.StoreWriter / StoreReader.
+
+Single-process tests use memory:// stores; the multi-process ones (marked slow) run gloo on
+CPU in spawned processes against a local store in a tmp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+import ckptstore
+from ckptstore import keys
+from ckptstore.backends.memory import drop_memory_space
+from ckptstore.cli import EXIT_OK, main
+from ckptstore.dcp import StoreReader, StoreWriter, _byte_span, metadata_from_plain, metadata_to_plain, unwrap
+from ckptstore.errors import FormatError, StepExistsError, UnsupportedValueError
+
+# Small chunks, so shards span several chunks and a reader fetches only part of a stored item.
+SMALL = ckptstore.ChunkingPolicy(chunk_size=48, small_tensor_limit=16, pack_size=64)
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+@pytest.fixture
+def store() -> Iterator[ckptstore.Store]:
+    name = f"dcp-{uuid.uuid4().hex}"
+    store = ckptstore.open(f"memory://{name}")
+    try:
+        yield store
+    finally:
+        store.close()
+        drop_memory_space(name)
+
+
+def _model_and_optim(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3 * (seed + 1))
+    model(torch.randn(5, 8)).sum().backward()
+    optim.step()
+    return model, optim
+
+
+def _state(seed: int) -> dict[str, Any]:
+    model, optim = _model_and_optim(seed)
+    return {"model": model.state_dict(), "optim": optim.state_dict(), "extra": {"epoch": seed, "tag": f"s{seed}"}}
+
+
+def _chunk_count(store: ckptstore.Store) -> int:
+    return sum(1 for _ in store.backend.list(keys.CHUNKS))
+
+
+def _assert_state_equal(got: Any, want: Any) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want)
+    elif isinstance(want, dict):
+        assert set(got) == set(want)
+        for key in want:
+            _assert_state_equal(got[key], want[key])
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            _assert_state_equal(a, b)
+    else:
+        assert got == want
+
+
+# -- single process ----------------------------------------------------------------------------
+def test_save_load_model_and_optimizer(store: ckptstore.Store) -> None:
+    saved = _state(0)
+    writer = StoreWriter(store, 0)
+    dcp.save(saved, storage_writer=writer)
+    assert store.steps() == [0] and writer.committed is not None and writer.new_chunks > 0
+
+    fresh = _state(1)  # other values, same structure
+    dcp.load(fresh, storage_reader=StoreReader(store, 0))
+    _assert_state_equal(fresh, saved)
+
+    # The model itself loads from the state dict DCP filled in place.
+    model, _ = _model_and_optim(2)
+    model.load_state_dict(fresh["model"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved["model"][name])
+
+
+def test_second_save_of_a_step_raises_step_exists_and_overwrite_replaces(store: ckptstore.Store) -> None:
+    first = _state(0)
+    dcp.save(first, storage_writer=StoreWriter(store, 7))
+    ref = store.ref(7)
+
+    with pytest.raises(CheckpointException) as caught:  # what plain dcp.save raises
+        dcp.save(_state(1), storage_writer=StoreWriter(store, 7))
+    assert isinstance(unwrap(caught.value), StepExistsError) and unwrap(caught.value).step == 7  # type: ignore[union-attr]
+    with pytest.raises(StepExistsError, match="step 7 already exists"):  # the helper unwraps it
+        ckptstore.dcp.save(_state(1), store, 7)
+    assert store.ref(7) == ref  # nothing touched
+    assert [lock for lock in store.locks() if lock.kind in ("save", "load")] == []  # leases closed on failure too
+
+    second = _state(1)
+    writer = StoreWriter(store, 7, overwrite=True)
+    dcp.save(second, storage_writer=writer)
+    assert writer.committed is not None and writer.committed.seq == 2 and writer.committed.replaces == ref.manifest
+    loaded = _state(3)
+    dcp.load(loaded, storage_reader=StoreReader(store))  # latest
+    _assert_state_equal(loaded, second)
+
+
+def test_identical_save_writes_no_new_chunks(store: ckptstore.Store) -> None:
+    state = _state(0)
+    dcp.save(state, storage_writer=StoreWriter(store, 1))
+    before = _chunk_count(store)
+    writer = StoreWriter(store, 2)
+    dcp.save(state, storage_writer=writer)
+    assert _chunk_count(store) == before
+    assert writer.new_chunks == 0 and writer.new_bytes == 0
+    overwrite = StoreWriter(store, 2, overwrite=True)
+    dcp.save(state, storage_writer=overwrite)
+    assert _chunk_count(store) == before and overwrite.new_bytes == 0
+
+
+def test_metadata_round_trips_as_plain_data() -> None:
+    props = TensorProperties(dtype=torch.bfloat16, requires_grad=True)
+    metadata = Metadata(
+        state_dict_metadata={
+            "w": TensorStorageMetadata(props, torch.Size([10, 3]), [
+                ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([3, 3])),
+                ChunkStorageMetadata(torch.Size([3, 0]), torch.Size([7, 3]))]),
+            "s": TensorStorageMetadata(TensorProperties(dtype=torch.int64), torch.Size([]),
+                                       [ChunkStorageMetadata(torch.Size([]), torch.Size([]))]),
+            "b": BytesStorageMetadata(),
+        },
+        planner_data={"w": ("w",), "s": ("opt", 0, "s"), "b": ("b",)},
+        storage_meta=StorageMeta(checkpoint_id="x", save_id="abc", modules=["m"]),
+        version="1.0.0",
+    )
+    import msgpack
+
+    plain = msgpack.unpackb(msgpack.packb(metadata_to_plain(metadata), use_bin_type=True), raw=False)
+    assert metadata_from_plain(plain) == metadata
+    with pytest.raises(FormatError):
+        metadata_from_plain({"state_dict_metadata": {"w": {"type": "tensor", "dtype": "os.system"}}})
+
+
+def test_ckptstore_load_and_cli_on_a_dcp_step(store: ckptstore.Store, tmp_path: Path) -> None:
+    local = ckptstore.open(tmp_path / "s")
+    state = _state(0)
+    dcp.save(state, storage_writer=StoreWriter(local, 3))
+    plain = local.load(3)  # the stored layout, not the trainer's state dict (docs/DCP.md)
+    assert set(plain) == {"dcp"} and plain["dcp"]["format"] == 1
+    assert torch.equal(plain["dcp"]["items"]["model.0.weight"][0], state["model"]["0.weight"])
+    assert main(["ls", str(tmp_path / "s")]) == EXIT_OK
+    assert main(["show", str(tmp_path / "s"), "3"]) == EXIT_OK
+
+    store.save(4, {"w": torch.ones(2)})  # not a DCP step
+    with pytest.raises(FormatError, match=r"not saved through torch\.distributed\.checkpoint"):
+        ckptstore.dcp.load({"w": torch.zeros(2)}, store, 4)
+
+
+def test_ckptstore_errors_survive_pickling_between_ranks() -> None:
+    # DCP pickles the coordinator's exception to broadcast it; ckptstore.dcp registers reducers.
+    err = pickle.loads(pickle.dumps(StepExistsError(3, 1.5e9, "u@h:1")))
+    assert isinstance(err, StepExistsError) and (err.step, err.committed_at, err.writer) == (3, 1.5e9, "u@h:1")
+    assert str(err) == str(StepExistsError(3, 1.5e9, "u@h:1"))
+
+
+def test_byte_span_covers_exactly_the_requested_slice() -> None:
+    shape = (4, 5, 6)
+    flat = torch.arange(math.prod(shape)).reshape(shape)
+    for offsets, lengths in [((0, 0, 0), (4, 5, 6)), ((1, 2, 3), (2, 2, 2)), ((3, 4, 5), (1, 1, 1)),
+                             ((0, 1, 0), (4, 1, 6)), ((2, 0, 0), (0, 5, 6))]:
+        lo, hi = _byte_span(shape, 8, offsets, lengths)
+        part = flat[tuple(slice(o, o + n) for o, n in zip(offsets, lengths, strict=True))]
+        if part.numel() == 0:
+            assert lo == hi
+        else:
+            assert (lo // 8, hi // 8) == (int(part.min()), int(part.max()) + 1)
+
+
+class Opaque:
+    """A value only full pickle can restore."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def test_pickled_values_need_trust(store: ckptstore.Store) -> None:
+    dcp.save({"w": torch.ones(3), "obj": Opaque(5)}, storage_writer=StoreWriter(store, 0))
+    with pytest.raises(UnsupportedValueError, match="trust_pickle"):
+        ckptstore.dcp.load({"w": torch.zeros(3), "obj": None}, store, 0)
+    target: dict[str, Any] = {"w": torch.zeros(3), "obj": None}
+    dcp.load(target, storage_reader=StoreReader(store, 0, trust_pickle=True))
+    assert isinstance(target["obj"], Opaque) and target["obj"].x == 5 and torch.equal(target["w"], torch.ones(3))
+
+
+# -- multi-process (gloo on CPU) -------------------------------------------------------------
+ROWS, COLS = 10, 3  # 10 rows over 4 ranks: uneven shards 3, 3, 3, 1
+
+
+def _full(version: int) -> torch.Tensor:
+    return torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS) * (version + 1)
+
+
+def _init(rank: int, world: int, tmp: str, name: str) -> Any:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-{name}", rank=rank, world_size=world)
+    return init_device_mesh("cpu", (world,))
+
+
+def _sharded_state(mesh: Any, version: int) -> dict[str, Any]:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return {"w": distribute_tensor(_full(version), mesh, [Shard(0)]),
+            "bias": torch.full((4,), float(version)),  # replicated plain tensor
+            "step": version}  # a bytes item
+
+
+def _report(tmp: str, name: str, rank: int, data: dict[str, Any]) -> None:
+    Path(tmp, f"{name}-{rank}.json").write_text(json.dumps(data))
+
+
+def _reports(tmp: str, name: str, world: int) -> list[dict[str, Any]]:
+    return [json.loads(Path(tmp, f"{name}-{rank}.json").read_text()) for rank in range(world)]
+
+
+def _save_worker(rank: int, world: int, tmp: str) -> None:
+    mesh = _init(rank, world, tmp, "save")
+    try:
+        store = ckptstore.open(Path(tmp, "store"), chunking=SMALL)
+        state = _sharded_state(mesh, 0)
+        writer = StoreWriter(store, 0)
+        dcp.save(state, storage_writer=writer)
+        _report(tmp, "save", rank, {"local_rows": state["w"].to_local().shape[0], "new_chunks": writer.new_chunks})
+    finally:
+        dist.destroy_process_group()
+
+
+def _load_worker(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _init(rank, world, tmp, f"load{world}")
+    try:
+        store = ckptstore.open(Path(tmp, "store"), chunking=SMALL, create=False)
+        target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)]), "bias": torch.zeros(4), "step": -1}
+        dcp.load(target, storage_reader=StoreReader(store, 0))
+        _report(tmp, f"load{world}", rank, {"local": target["w"].to_local().tolist(),
+                                            "full": target["w"].full_tensor().tolist(),
+                                            "bias": target["bias"].tolist(), "step": target["step"]})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dtensor_save_at_4_ranks_loads_at_2_and_1(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    mp.spawn(_save_worker, args=(4, tmp), nprocs=4, join=True)
+    saved = _reports(tmp, "save", 4)
+    assert [r["local_rows"] for r in saved] == [3, 3, 3, 1]
+    assert all(r["new_chunks"] > 0 for r in saved)  # every rank wrote its own shard's chunks
+    store = ckptstore.open(tmp_path / "store", create=False)
+    entries = store.info(0).manifest.tensors
+    assert sorted(tuple(e.placement["offsets"]) for e in entries if e.placement and e.placement["fqn"] == "w") \
+        == [(0, 0), (3, 0), (6, 0), (9, 0)]
+
+    mp.spawn(_load_worker, args=(2, tmp), nprocs=2, join=True)
+    for rank, report in enumerate(_reports(tmp, "load2", 2)):
+        assert report["full"] == _full(0).tolist()
+        assert report["local"] == _full(0)[rank * 5:(rank + 1) * 5].tolist()
+        assert report["bias"] == [0.0] * 4 and report["step"] == 0
+
+    # World size 1, no process group: a plain full tensor.
+    plain = {"w": torch.zeros(ROWS, COLS), "bias": torch.ones(4), "step": -1}
+    dcp.load(plain, storage_reader=StoreReader(store))
+    assert torch.equal(plain["w"], _full(0)) and torch.equal(plain["bias"], torch.zeros(4)) and plain["step"] == 0
+
+
+def _olmo_worker(rank: int, world: int, tmp: str) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = _init(rank, world, tmp, "olmo")
+    try:
+        store = ckptstore.open(Path(tmp, "store"), chunking=SMALL)
+        dcp.save(_sharded_state(mesh, 0), storage_writer=StoreWriter(store, 0))
+        # The rerun without overwrite: every rank gets the coordinator's StepExistsError.
+        raised: list[dict[str, Any]] = []
+        try:
+            dcp.save(_sharded_state(mesh, 1), storage_writer=StoreWriter(store, 0))
+        except BaseException as exc:
+            inner = unwrap(exc)
+            raised.append({"type": type(inner).__name__, "message": str(inner),
+                           "step": getattr(inner, "step", None), "writer": getattr(inner, "writer", None)})
+        try:
+            ckptstore.dcp.save(_sharded_state(mesh, 1), store, 0)
+        except StepExistsError as exc:
+            raised.append({"type": type(exc).__name__, "message": str(exc), "step": exc.step, "writer": exc.writer})
+        # The rerun with overwrite succeeds, and every rank loads the new state.
+        dcp.save(_sharded_state(mesh, 1), storage_writer=StoreWriter(store, 0, overwrite=True))
+        target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)]), "bias": torch.zeros(4), "step": -1}
+        dcp.load(target, storage_reader=StoreReader(store, 0))
+        _report(tmp, "olmo", rank, {"raised": raised, "full": target["w"].full_tensor().tolist(),
+                                    "bias": target["bias"].tolist(), "step": target["step"],
+                                    "seq": store.ref(0).seq})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_olmo_rerun_raises_step_exists_on_every_rank_then_overwrite_succeeds(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    mp.spawn(_olmo_worker, args=(4, tmp), nprocs=4, join=True)
+    reports = _reports(tmp, "olmo", 4)
+    first = reports[0]["raised"]
+    assert len(first) == 2 and all(r["type"] == "StepExistsError" and r["step"] == 0 for r in first)
+    for report in reports:
+        assert report["raised"] == first  # the same error (same commit, writer, time) everywhere
+        assert report["full"] == _full(1).tolist() and report["bias"] == [1.0] * 4 and report["step"] == 1
+        assert report["seq"] == 2
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A default process group from the environment would turn single-process saves distributed.
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

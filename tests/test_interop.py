@@ -1,0 +1,235 @@
+"""safetensors export (single file and Hugging Face shards) and import from safetensors,
+torch.save files and DCP directories, without running code from the files."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import ckptstore
+from ckptstore.interop import INDEX_NAME, InteropError, detect_format, export_safetensors, import_checkpoint
+
+
+def model_state() -> dict[str, Any]:
+    torch.manual_seed(0)
+    return {
+        "model": {"layer.weight": torch.randn(64, 32), "layer.bias": torch.randn(32).to(torch.bfloat16),
+                  "emb": torch.arange(1000, dtype=torch.int64)},
+        "optim": {"state": {0: {"exp_avg": torch.randn(64, 32), "step": torch.tensor(7.0)}},
+                  "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]},
+        "np": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "step": 100,
+        "extra": {"blob": b"\x00\xff", "nan": float("nan"), "$odd": None, "empty": [], "t": ()},
+    }
+
+
+EXPECTED_NAMES = {"model.layer.weight", "model.layer.bias", "model.emb", "optim.state.0.exp_avg",
+                  "optim.state.0.step", "np"}
+
+
+def assert_same(a: Any, b: Any) -> None:
+    if isinstance(a, np.ndarray):  # numpy values are exported as torch tensors
+        a = torch.from_numpy(a)
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (a, b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b)
+    else:
+        assert a == b and type(a) is type(b)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ckptstore.Store:
+    s = ckptstore.open(str(tmp_path / "store"))
+    s.save(100, model_state(), metadata={"run": "exp1", "tokens": 12345})
+    return s
+
+
+def test_export_single_file_loads_with_safetensors(store: ckptstore.Store, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt.safetensors"
+    assert export_safetensors(store, 100, out) == [out]
+    tensors = load_file(out)
+    assert set(tensors) == EXPECTED_NAMES
+    stored = store.load(100)
+    assert_same(stored["model"]["layer.weight"], tensors["model.layer.weight"])
+    assert_same(stored["model"]["layer.bias"], tensors["model.layer.bias"])
+    assert_same(stored["optim"]["state"][0]["exp_avg"], tensors["optim.state.0.exp_avg"])
+    assert_same(stored["np"], tensors["np"])
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["ckptstore.step"] == "100"
+    assert json.loads(meta["ckptstore.metadata"]) == {"run": "exp1", "tokens": 12345}
+    tree = json.loads(meta["ckptstore.tree"])
+    assert tree["step"] == 100 and tree["model"]["emb"] == {"$tensor": "model.emb"}
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_export_sharded_directory_with_index(store: ckptstore.Store, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    files = export_safetensors(store, 100, out, max_shard_bytes=10_000)
+    index_path = out / INDEX_NAME
+    assert files[-1] == index_path and len(files) >= 4
+    shards = files[:-1]
+    assert [f.name for f in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                        for i in range(1, len(shards) + 1)]
+    index = json.loads(index_path.read_text())
+    assert set(index["weight_map"]) == EXPECTED_NAMES
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        part = load_file(shard)
+        assert all(index["weight_map"][name] == shard.name for name in part)
+        # Only a tensor over the limit may push a shard past it.
+        assert len(part) == 1 or sum(t.nbytes for t in part.values()) <= 10_000
+        loaded.update(part)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in loaded.values())
+    assert_same(store.load(100)["optim"]["state"][0]["exp_avg"], loaded["optim.state.0.exp_avg"])
+
+    # A path ending in "/" is a directory too, with one shard by default.
+    one = export_safetensors(store, 100, str(tmp_path / "one") + "/")
+    assert [f.name for f in one] == ["model-00001-of-00001.safetensors", INDEX_NAME]
+
+
+def test_export_import_round_trip_keeps_the_tree(store: ckptstore.Store, tmp_path: Path) -> None:
+    original = model_state()
+    export_safetensors(store, 100, tmp_path / "x.safetensors")
+    export_safetensors(store, 100, tmp_path / "dir", max_shard_bytes=4096)
+    for step, source in ((1, tmp_path / "x.safetensors"), (2, tmp_path / "dir")):
+        info = import_checkpoint(store, step, source)
+        assert info.step == step and info.new_chunks == 0  # the same tensors: every chunk deduplicated
+        back = store.load(step)
+        assert_same(original, back)  # tuples, int keys, bytes, nan and "$" keys survive
+        assert store.info(step).manifest.metadata == {"run": "exp1", "tokens": 12345}
+
+
+def test_import_foreign_safetensors_is_a_flat_dict(tmp_path: Path) -> None:
+    tensors = {"a.weight": torch.randn(3, 3), "b": torch.arange(4, dtype=torch.int32)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    store = ckptstore.open(str(tmp_path / "s"))
+    import_checkpoint(store, 5, tmp_path / "m.safetensors", metadata={"from": "hub"})
+    back = store.load(5)
+    assert set(back) == set(tensors)
+    for name, tensor in tensors.items():
+        assert_same(tensor, back[name])
+    assert store.info(5).manifest.metadata == {"from": "hub"}
+
+
+def test_import_torch_save_file(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.randn(5, 5)}, "epoch": 3, "opt": {"state": {0: {"m": torch.ones(5)}}},
+             "shape": (5, 5)}
+    torch.save(state, tmp_path / "ckpt.pt")
+    assert detect_format(tmp_path / "ckpt.pt") == "torch"
+    store = ckptstore.open(str(tmp_path / "s"))
+    import_checkpoint(store, 10, tmp_path / "ckpt.pt")
+    assert_same(state, store.load(10))
+    with pytest.raises(ckptstore.StepExistsError):
+        import_checkpoint(store, 10, tmp_path / "ckpt.pt")
+    assert import_checkpoint(store, 10, tmp_path / "ckpt.pt", overwrite=True).seq == 2
+
+
+class Sneaky:
+    """Unpickling this runs code (it writes a file); a restricted unpickler must refuse it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_torch_save_file_with_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(2), "evil": Sneaky(str(marker))}, tmp_path / "evil.pt")
+    store = ckptstore.open(str(tmp_path / "s"))
+    with pytest.raises(InteropError, match="weights_only"):
+        import_checkpoint(store, 1, tmp_path / "evil.pt")
+    assert not marker.exists() and store.steps() == []
+
+
+def test_import_dcp_directory(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.randn(8, 4), "b": torch.zeros(4, dtype=torch.float16)},
+             "optim": {"state": {0: {"exp_avg": torch.ones(8)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+             "step": 42, "note": "hello"}
+    with pytest.warns(UserWarning):  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))  # no process group needed
+    assert detect_format(tmp_path / "dcp") == "dcp"
+    store = ckptstore.open(str(tmp_path / "s"))
+    import_checkpoint(store, 7, tmp_path / "dcp")
+    back = store.load(7)
+    # DCP flattens dict keys to strings: the optimizer's int key 0 comes back as "0".
+    expected = {**state, "optim": {"state": {"0": {"exp_avg": state["optim"]["state"][0]["exp_avg"]}},
+                                   "param_groups": state["optim"]["param_groups"]}}
+    assert_same(dict(sorted(expected.items())), dict(sorted(back.items())))
+
+
+def test_dcp_metadata_with_code_is_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.warns(UserWarning):
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(tmp_path / "dcp"))
+    marker = tmp_path / "pwned"
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Sneaky(str(marker))))
+    store = ckptstore.open(str(tmp_path / "s"))
+    with pytest.raises(InteropError, match="does not admit"):
+        import_checkpoint(store, 1, tmp_path / "dcp")
+    assert not marker.exists() and store.steps() == []
+
+
+def test_dcp_bytes_item_with_code_is_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "pwned"
+    with pytest.warns(UserWarning):  # DCP stores non-tensor values as torch.save'd bytes
+        dcp.save({"w": torch.ones(3), "evil": Sneaky(str(marker))}, checkpoint_id=str(tmp_path / "dcp"))
+    store = ckptstore.open(str(tmp_path / "s"))
+    with pytest.raises(InteropError):
+        import_checkpoint(store, 1, tmp_path / "dcp")
+    assert not marker.exists() and store.steps() == []
+
+
+def test_unexportable_and_unrecognised_inputs_are_clear_errors(tmp_path: Path) -> None:
+    store = ckptstore.open(str(tmp_path / "s"))
+    store.save(1, {"z": torch.ones(2, dtype=torch.complex128)})
+    with pytest.raises(InteropError, match=r"state\['z'\].*complex128"):
+        export_safetensors(store, 1, tmp_path / "z.safetensors")
+    store.save(2, {"s": np.array(["a", "bc"])})
+    with pytest.raises(InteropError, match="numpy dtype"):
+        export_safetensors(store, 2, tmp_path / "s.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InteropError, match="cannot tell"):
+        import_checkpoint(store, 3, tmp_path / "empty")
+    with pytest.raises(InteropError, match="no such file"):
+        import_checkpoint(store, 3, tmp_path / "missing.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(InteropError, match="safetensors"):
+        import_checkpoint(store, 3, tmp_path / "junk.safetensors")
+    assert store.steps() == [1, 2]
+
+
+def test_colliding_names_get_a_suffix(tmp_path: Path) -> None:
+    store = ckptstore.open(str(tmp_path / "s"))
+    state = {"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}, "l": [torch.ones(1), (torch.full((1,), 2.0),)]}
+    store.save(1, state)
+    export_safetensors(store, 1, tmp_path / "c.safetensors")
+    assert set(load_file(tmp_path / "c.safetensors")) == {"a.b", "a.b#2", "l.0", "l.1.0"}
+    import_checkpoint(store, 2, tmp_path / "c.safetensors")
+    assert_same(state, store.load(2))
