@@ -11,6 +11,7 @@ import torch
 import ckptstore
 from ckptstore import keys
 from ckptstore.testing.scenarios import stress_state
+from ckptstore.verify import verify
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,9 @@ def test_gc_during_saves_never_breaks_a_committed_step(s3_bucket: str, delete_de
     for step in steps:
         loaded = store.load(step)
         assert all(torch.equal(loaded[k], v) for k, v in stress_state(step).items()), step
+
+    deep = verify(store, deep=True)  # every chunk of every step re-read and re-hashed
+    assert deep.ok and deep.steps_checked == len(steps), deep.problems
 
     # Once the writers stop, one gc reclaims all garbage: what is left is exactly what refs reach.
     final = store.gc(min_age=0)

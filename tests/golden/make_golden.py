@@ -98,7 +98,7 @@ class _Clock:
 def _pinned(clock: _Clock) -> Iterator[None]:
     fixed_secrets = types.SimpleNamespace(token_hex=lambda n: STORE_COMMIT_ID)
     with mock.patch.object(ckptstore.store, "time", clock), \
-            mock.patch.object(ckptstore.store, "_writer_identity", lambda: STORE_WRITER), \
+            mock.patch.object(ckptstore.store, "writer_identity", lambda: STORE_WRITER), \
             mock.patch.object(ckptstore.manifest, "secrets", fixed_secrets):
         yield
 
