@@ -87,6 +87,20 @@ class ChunkWriter:
         return WrittenChunk(ChunkEntry(digest, chunk.size, total_length(parts)), written=True)
 
 
+def restore_missing(writer: ChunkWriter, plan: ChunkPlan, written: list[WrittenChunk],
+                    sources: list[memoryview]) -> int:
+    """Re-upload the planned chunks whose objects are gone (a gc swept them after this save
+    deduplicated or wrote them); returns how many planned chunks were re-written."""
+    backend = writer.backend
+    digests = sorted({r.entry.digest for r in written})
+    present = dict(zip(digests, bounded_map(lambda d: backend.exists(chunk_key(d)), digests, writer.threads),
+                       strict=True))
+    missing = [chunk for chunk, r in zip(plan.chunks, written, strict=True) if not present[r.entry.digest]]
+    if missing:
+        writer.write(ChunkPlan(missing, []), sources)
+    return len(missing)
+
+
 def _materialize(chunk: PlannedChunk, sources: list[memoryview]) -> memoryview:
     if len(chunk.pieces) == 1:  # a slice of one tensor: no copy
         index, start, length = chunk.pieces[0]

@@ -53,7 +53,7 @@ from ckptstore import errors, keys
 from ckptstore.backends.base import CREATE
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunking import ChunkPlan, plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map, restore_missing
 from ckptstore.commit import commit_ref
 from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
 from ckptstore.errors import AlreadyExistsError, CkptStoreError, FormatError, IntegrityError
@@ -386,12 +386,7 @@ class StoreWriter(StorageWriter):
         if not read_epoch(backend)[0].swept_since(self._epoch):
             return
         wait_for_gc(backend, ttl=self.store.lease_ttl)
-        digests = sorted({r.entry.digest for r in written})
-        present = dict(zip(digests, bounded_map(lambda d: backend.exists(keys.chunk_key(d)), digests,
-                                                self.store.threads), strict=True))
-        missing = [chunk for chunk, r in zip(plan.chunks, written, strict=True) if not present[r.entry.digest]]
-        if missing:
-            writer.write(ChunkPlan(missing, []), sources)
+        restore_missing(writer, plan, written, sources)
 
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         table: dict[str, int] = {}

@@ -22,7 +22,7 @@ from ckptstore.backends.base import CREATE, Backend
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import Compression
 from ckptstore.chunking import ChunkingPolicy, ChunkPlan, plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, restore_missing
 from ckptstore.commit import commit_ref, read_ref
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -238,12 +238,7 @@ class Store:
         if not read_epoch(self.backend)[0].swept_since(epoch_at_start):
             return
         wait_for_gc(self.backend, ttl=self.lease_ttl)
-        digests = sorted({r.entry.digest for r in written})
-        present = dict(zip(digests, bounded_map(lambda d: self.backend.exists(keys.chunk_key(d)), digests,
-                                                self.threads), strict=True))
-        missing = [chunk for chunk, r in zip(plan.chunks, written, strict=True) if not present[r.entry.digest]]
-        if missing:
-            writer.write(ChunkPlan(missing, []), sources)
+        restore_missing(writer, plan, written, sources)
         if not self.backend.exists(keys.manifest_key(manifest_digest)):
             with contextlib.suppress(AlreadyExistsError):
                 self.backend.put(keys.manifest_key(manifest_digest), encoded_manifest, mode=CREATE)
