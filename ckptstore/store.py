@@ -424,6 +424,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     hash_algorithm: str = DEFAULT_ALGORITHM,
     storage_options: Mapping[str, Any] | None = None,
     lease_ttl: float = DEFAULT_TTL,
+    retries: int | None = None,
 ) -> Store:
     """Open (and by default create) the store at `url`: a path, file://, or memory://.
 
@@ -431,12 +432,18 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     the algorithm its CKPTSTORE marker names. Chunking, compression, threads and verify are
     this handle's I/O settings and never change what a reader needs. `storage_options` are
     keyword arguments of the backend (e.g. S3: endpoint_url, region, profile; GCS: project).
+    `retries`: how often each backend operation is retried after a TransientError, on top of
+    the SDK's own retries (ckptstore.retry); default: the URL's `?retries=N`, else 4; 0 = off.
 
     Raises StoreNotFoundError when `create=False` and no store is there, InvalidURLError
     for a URL ckptstore cannot open, UnsupportedFormatError for a newer store format.
     """
-    from ckptstore.url import open_backend
+    from ckptstore.retry import DEFAULT_RETRIES, RetryingBackend
+    from ckptstore.url import open_backend, retries_option
 
+    attempts = 1 + retries_option(url, retries, DEFAULT_RETRIES)
     backend = open_backend(url, storage_options, threads=threads)
+    if attempts > 1:
+        backend = RetryingBackend(backend, attempts=attempts)
     return Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,
                  verify=verify, hash_algorithm=hash_algorithm, lease_ttl=lease_ttl)

@@ -5,6 +5,9 @@
     gs://bucket/prefix                      Google Cloud Storage (?project=...)
     memory://name                           in-process, for unit tests
 
+s3:// and gs:// also take `?retries=N`: how often the store retries transient failures
+(ckptstore.retry; default 4, 0 = off). It is the store's option and never reaches the backend.
+
 Options can also be passed as `storage_options` (keyword arguments of the backend class);
 options in the URL query win over nothing else and must not repeat one given explicitly.
 Credentials never go in URLs: the SDKs' standard credential chains supply them.
@@ -25,6 +28,8 @@ SCHEMES = ("file", "memory", "s3", "gs")
 # URL query names -> backend keyword arguments.
 _S3_QUERY = {"endpoint": "endpoint_url", "endpoint_url": "endpoint_url", "region": "region", "profile": "profile"}
 _GCS_QUERY = {"project": "project"}
+# Options of the store, not of the backend: stripped before the backend sees the query.
+_STORE_QUERY = {"retries": "retries"}
 _SECRET_WORDS = ("secret", "password", "token", "key")
 
 
@@ -76,7 +81,10 @@ def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
         bucket, prefix = parsed.netloc, parsed.path.strip("/")
         if not bucket:
             raise InvalidURLError(f"no bucket in {redact(text)!r}; use {parsed.scheme}://BUCKET/PREFIX")
-        query = _query_options(parsed.query, _S3_QUERY if parsed.scheme == "s3" else _GCS_QUERY, text)
+        allowed = {**(_S3_QUERY if parsed.scheme == "s3" else _GCS_QUERY), **_STORE_QUERY}
+        query = _query_options(parsed.query, allowed, text)
+        for name in _STORE_QUERY.values():
+            query.pop(name, None)
         clash = set(query) & set(options)
         if clash:
             raise InvalidURLError(f"{sorted(clash)} given both in the URL and in storage_options")
@@ -87,6 +95,30 @@ def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
         return _import_backend("gcs", "GCSBackend", "google-cloud-storage")(bucket, prefix, **options)
     raise InvalidURLError(f"unknown store URL scheme {parsed.scheme!r} in {redact(text)!r}; "
                           f"use a path, file://, s3://, gs:// or memory://")
+
+
+def retries_option(url: str | os.PathLike[str], explicit: int | None, default: int) -> int:
+    """How often a store opened from `url` retries transient failures: `explicit` if given,
+    else the URL's `?retries=N` (s3:// and gs:// only), else `default`.
+
+    Raises InvalidURLError for a value that is not a non-negative int, or one given both ways.
+    """
+    text = os.fspath(url)
+    parsed = urlparse(text) if "://" in text else None
+    found: list[str] = []
+    if parsed is not None and parsed.scheme in ("s3", "gs"):
+        found = [value for name, value in parse_qsl(parsed.query, keep_blank_values=True) if name == "retries"]
+    if found and explicit is not None:
+        raise InvalidURLError(f"retries given both in the URL and as an argument ({redact(text)!r})")
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
+            raise ValueError(f"retries must be a non-negative int, got {explicit!r}")
+        return explicit
+    if not found:
+        return default
+    if len(found) > 1 or not found[0].isdigit():
+        raise InvalidURLError(f"retries in {redact(text)!r} must be one non-negative integer, got {found}")
+    return int(found[0])
 
 
 def _import_backend(module: str, cls: str, package: str) -> Any:

@@ -1,0 +1,197 @@
+"""Retrying transient backend failures: `RetryingBackend` wraps any backend.
+
+Every operation that fails with `TransientError` (throttling, 5xx, timeouts, resets) is tried
+again with exponential backoff and jitter, up to `attempts` tries in all and never starting a
+new try once `deadline` seconds have passed since the first; then the typed `TransientError`
+is raised, saying how many attempts were made. Every other error passes straight through.
+
+Why retrying every operation is safe:
+- Reads, lists, deletes and overwrite puts are idempotent. A list that fails half-way is
+  listed again from the start, skipping keys already yielded.
+- Content-addressed puts (chunks, manifests) write the same bytes under the same key, however
+  often they land.
+- A *conditional* put (create-only, update-if-version) that failed transiently may have
+  landed; its retry then sees AlreadyExistsError / PreconditionFailedError caused by our own
+  first try. Only in that case (an earlier try of this same call was ambiguous) the wrapper
+  reads the object back: if it holds exactly our bytes, our write landed and the put
+  succeeds with that version. Callers make conditional payloads unique (refs carry a random
+  commit id, leases and locks an owner and a time), so "the same bytes" means "our write".
+  Without this, a retried lease or gc-lock create would find its own object and fail or
+  stand down. `ckptstore.commit` resolves ambiguous ref puts by commit id on its own as well.
+
+Interplay with the SDKs' own retries (the totals stay bounded by `deadline`):
+- S3 (boto3 "standard" mode, `max_attempts=5` in backends/s3.py) retries throttling, 5xx and
+  connection errors itself, with jittered backoff of at most 20 s per retry. What reaches this
+  layer is a request that failed 5 times; `attempts` tries here mean up to 5 x `attempts`
+  requests, but no new try starts after `deadline` seconds.
+- GCS (google-cloud-storage `DEFAULT_RETRY`, uploads included in 3.x) retries for up to
+  120 s per call. A call that exhausted that budget has already taken longer than the default
+  `deadline`, so it is not tried again here; failures the library does not retry (or gives up
+  on quickly) are.
+- Local and memory backends never raise TransientError; wrapping them costs one call frame.
+Worst case per operation: `deadline` + one more SDK call (its own retries and timeouts).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.errors import AlreadyExistsError, ObjectNotFoundError, PreconditionFailedError, TransientError
+
+__all__ = ["DEFAULT_ATTEMPTS", "DEFAULT_DEADLINE", "DEFAULT_RETRIES", "RetryingBackend"]
+
+#: Tries per operation (the first plus DEFAULT_RETRIES retries).
+DEFAULT_ATTEMPTS = 5
+DEFAULT_RETRIES = DEFAULT_ATTEMPTS - 1
+#: Seconds after the first try of an operation past which no new try starts.
+DEFAULT_DEADLINE = 60.0
+
+T = TypeVar("T")
+
+
+def _joined(data: Buffer | Sequence[Buffer]) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    parts = [data] if isinstance(data, (bytearray, memoryview)) else data
+    return b"".join(memoryview(p).cast("B") for p in parts)
+
+
+class RetryingBackend(Backend):
+    """Forwards to `inner`, retrying TransientError with exponential backoff and jitter.
+
+    The n-th retry waits a random time in [d/2, d], d = min(max_delay, base_delay * 2**n).
+    `sleep` is injectable so tests run without waiting. See the module docstring.
+    """
+
+    def __init__(self, inner: Backend, *, attempts: int = DEFAULT_ATTEMPTS, base_delay: float = 0.2,
+                 max_delay: float = 5.0, deadline: float | None = DEFAULT_DEADLINE,
+                 sleep: Callable[[float], None] = time.sleep):
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        if base_delay < 0 or max_delay < 0:
+            raise ValueError("delays must not be negative")
+        self.inner = inner
+        self.url = inner.url
+        self.needs_canary = inner.needs_canary
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.deadline = deadline
+        self._sleep = sleep
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (0-based)."""
+        delay = min(self.max_delay, self.base_delay * 2**retry)
+        return random.uniform(delay / 2, delay)
+
+    def _gave_up(self, operation: str, key: str, tries: int, last: TransientError) -> TransientError:
+        error = TransientError(f"gave up after {tries} attempt{'s' if tries != 1 else ''}; last error: {last}")
+        error.key, error.operation = key, operation  # the message already names them, via `last`
+        error.attempts = tries  # type: ignore[attr-defined]
+        return error
+
+    def _retrying(self, operation: str, key: str, call: Callable[[int], T]) -> T:
+        """Run `call(try_number)` until it returns, raises a non-transient error, or we give up."""
+        started = time.monotonic()
+        tries = 0
+        while True:
+            try:
+                return call(tries)
+            except TransientError as exc:
+                tries += 1
+                out_of_time = self.deadline is not None and time.monotonic() - started >= self.deadline
+                if tries >= self.attempts or out_of_time:
+                    raise self._gave_up(operation, key, tries, exc) from exc
+                self._sleep(self.backoff(tries - 1))
+
+    # -- reads -----------------------------------------------------------------------------
+    def get(self, key: str) -> GetResult:
+        return self._retrying("get", key, lambda _: self.inner.get(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self._retrying("get_range", key, lambda _: self.inner.get_range(key, start, length))
+
+    def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
+        # A failed try may have filled part of the buffers; the next one overwrites them.
+        return self._retrying("read_into", key, lambda _: self.inner.read_into(key, start, buffers))
+
+    def head(self, key: str) -> ObjectInfo:
+        return self._retrying("head", key, lambda _: self.inner.head(key))
+
+    def exists(self, key: str) -> bool:
+        return self._retrying("exists", key, lambda _: self.inner.exists(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix`; a listing that fails part-way starts over and skips
+        the keys already yielded (order is not guaranteed on every server, so no resume token)."""
+        yielded: set[str] = set()
+        started = time.monotonic()
+        tries = 0
+        while True:
+            try:
+                for info in self.inner.list(prefix):
+                    if info.key not in yielded:
+                        yielded.add(info.key)
+                        yield info
+                return
+            except TransientError as exc:
+                tries += 1
+                out_of_time = self.deadline is not None and time.monotonic() - started >= self.deadline
+                if tries >= self.attempts or out_of_time:
+                    raise self._gave_up("list", prefix, tries, exc) from exc
+                self._sleep(self.backoff(tries - 1))
+
+    # -- writes ----------------------------------------------------------------------------
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
+        if mode.kind == "overwrite":
+            return self._retrying("put", key, lambda _: self.inner.put(key, data, mode=mode))
+
+        def conditional(try_number: int) -> str:
+            try:
+                return self.inner.put(key, data, mode=mode)
+            except (AlreadyExistsError, PreconditionFailedError):
+                # Only after an ambiguous try can the conflict be our own earlier write.
+                version = self._holds(key, data) if try_number > 0 else None
+                if version is None:
+                    raise
+                return version
+
+        return self._retrying("put", key, conditional)
+
+    def _holds(self, key: str, data: Buffer | Sequence[Buffer]) -> str | None:
+        """The version of `key` if it holds exactly `data` (our earlier try landed), else None."""
+        ours = _joined(data)
+        try:
+            if self.head(key).size != len(ours):
+                return None  # cheap refusal before downloading someone else's object
+            current = self.get(key)
+        except ObjectNotFoundError:
+            return None
+        return current.version if current.data == ours else None
+
+    def delete(self, key: str) -> None:
+        self._retrying("delete", key, lambda _: self.inner.delete(key))
+
+    # -- the rest ---------------------------------------------------------------------------
+    def cleanup_staging(self, min_age: float) -> int:
+        """The inner backend's crash-leftover cleanup (gc calls it), retried; 0 if it has none."""
+        cleanup = getattr(self.inner, "cleanup_staging", None)
+        if not callable(cleanup):
+            return 0
+        return self._retrying("cleanup_staging", "", lambda _: int(cleanup(min_age)))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Backend-specific attributes (bucket, prefix, root, ...) read through the wrapper.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __repr__(self) -> str:
+        return f"RetryingBackend({self.inner!r}, attempts={self.attempts})"

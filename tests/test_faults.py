@@ -1,0 +1,248 @@
+"""The fault-injecting backend itself: which calls a fault affects, and what each action does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ckptstore.backends.base import CREATE, OVERWRITE
+from ckptstore.backends.local import LocalBackend
+from ckptstore.backends.memory import MemoryBackend
+from ckptstore.errors import ObjectNotFoundError, PermissionDeniedError, TransientError
+from ckptstore.testing.faults import Fault, FaultInjectingBackend
+
+
+def memory() -> MemoryBackend:
+    return MemoryBackend(uuid.uuid4().hex)
+
+
+def outcomes(backend: FaultInjectingBackend, key: str, n: int) -> str:
+    """'.' for each put that succeeded, 'x' for each that raised TransientError."""
+    result = ""
+    for i in range(n):
+        try:
+            backend.put(key, b"%d" % i)
+            result += "."
+        except TransientError:
+            result += "x"
+    return result
+
+
+def test_skip_then_times_then_through() -> None:
+    fault = Fault("put", skip=2, times=3)
+    backend = FaultInjectingBackend(memory(), [fault])
+    assert outcomes(backend, "a", 8) == "..xxx..."
+    assert backend.fired(fault) == 3
+    assert backend.calls == [("put", "a")] * 8
+
+
+def test_times_none_affects_every_call_after_skip() -> None:
+    fault = Fault("put", skip=1, times=None)
+    backend = FaultInjectingBackend(memory(), [fault])
+    assert outcomes(backend, "a", 6) == ".xxxxx"
+    assert backend.fired(fault) == 5
+
+
+def test_key_is_a_regex_searched_in_the_key() -> None:
+    chunks = Fault("put", key=r"^chunks/", times=None)
+    step_one = Fault("put", key=r"steps/0*1$", times=None)
+    backend = FaultInjectingBackend(memory(), [chunks, step_one])
+    assert outcomes(backend, "chunks/ab/abcd", 1) == "x"
+    assert outcomes(backend, "x/chunks/ab", 1) == "."  # anchored: not at the start
+    assert outcomes(backend, "refs/steps/00000000000000000001", 1) == "x"
+    assert outcomes(backend, "refs/steps/00000000000000000011", 1) == "."
+    assert (backend.fired(chunks), backend.fired(step_one)) == (1, 1)
+
+
+def test_op_names_a_tuple_or_star_and_list_matches_its_prefix() -> None:
+    inner = memory()
+    inner.put("refs/a", b"1")
+    reads = Fault(("get", "head"), times=None)
+    listing = Fault("list", key="^refs/", times=1)
+    backend = FaultInjectingBackend(inner, [reads, listing])
+    for call in (lambda: backend.get("refs/a"), lambda: backend.head("refs/a"),
+                 lambda: list(backend.list("refs/"))):
+        with pytest.raises(TransientError):
+            call()
+    assert [o.key for o in backend.list("refs/")] == ["refs/a"]  # times=1: spent
+    assert [o.key for o in backend.list("")] == ["refs/a"]  # prefix "" does not match ^refs/
+    everything = Fault("*", times=None)
+    backend.add(everything)
+    with pytest.raises(TransientError):
+        backend.delete("refs/a")
+    with pytest.raises(TransientError):
+        backend.exists("refs/a")
+    assert inner.exists("refs/a")
+
+
+def test_an_earlier_fault_that_is_spent_lets_a_later_one_act_and_skip_counts_every_match() -> None:
+    first = Fault("put", times=1, error=PermissionDeniedError)
+    second = Fault("put", skip=1, times=1)
+    backend = FaultInjectingBackend(memory(), [first, second])
+    with pytest.raises(PermissionDeniedError):
+        backend.put("k", b"1")  # first acts; second sees its first (skipped) match
+    with pytest.raises(TransientError):
+        backend.put("k", b"2")
+    backend.put("k", b"3")
+    assert (backend.fired(first), backend.fired(second)) == (1, 1)
+
+
+def test_error_instance_is_raised_as_given_and_a_class_gets_key_and_operation() -> None:
+    throttled = TransientError("SlowDown: reduce your request rate")
+    backend = FaultInjectingBackend(memory(), [Fault("put", key="^a", error=throttled),
+                                               Fault("get", error=ObjectNotFoundError)])
+    with pytest.raises(TransientError) as caught:
+        backend.put("a", b"x")
+    assert caught.value is throttled
+    with pytest.raises(ObjectNotFoundError) as missing:
+        backend.get("b")
+    assert missing.value.key == "b" and missing.value.operation == "get"
+    with pytest.raises(ObjectNotFoundError):
+        backend.inner.get("a")  # a failed put never reached the inner backend
+
+
+def test_apply_then_fail_lands_the_write_and_raises() -> None:
+    inner = memory()
+    backend = FaultInjectingBackend(inner, [Fault("put", action="apply_then_fail")])
+    with pytest.raises(TransientError):
+        backend.put("k", b"landed", mode=CREATE)
+    assert inner.get("k").data == b"landed"
+
+
+def test_delay_sleeps_then_does_the_operation() -> None:
+    inner = memory()
+    backend = FaultInjectingBackend(inner, [Fault("put", action="delay", seconds=0.2)])
+    started = time.monotonic()
+    backend.put("k", b"v")
+    assert time.monotonic() - started >= 0.2
+    assert inner.get("k").data == b"v"
+
+
+def test_hang_blocks_until_release_then_does_the_operation() -> None:
+    inner = memory()
+    backend = FaultInjectingBackend(inner, [Fault("put", action="hang")])
+    worker = threading.Thread(target=backend.put, args=("k", b"v"))
+    worker.start()
+    time.sleep(0.2)
+    assert worker.is_alive() and not inner.exists("k")
+    backend.release()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and inner.get("k").data == b"v"
+    backend.add(Fault("put", action="hang"))
+    backend.put("k2", b"v")  # released for good: later hangs pass at once
+
+
+def test_hang_with_a_timeout_raises_the_error_without_the_operation() -> None:
+    inner = memory()
+    backend = FaultInjectingBackend(inner, [Fault("put", action="hang", seconds=0.1)])
+    with pytest.raises(TransientError):
+        backend.put("k", b"v")
+    assert not inner.exists("k")
+
+
+def test_truncate_put_stores_a_prefix_and_reports_success() -> None:
+    inner = memory()
+    backend = FaultInjectingBackend(inner, [Fault("put", action="truncate", keep=3)])
+    version = backend.put("k", [b"abc", memoryview(b"defg")], mode=CREATE)
+    assert inner.get("k").data == b"abc"
+    assert inner.head("k").version == version
+
+
+def test_truncate_reads_return_or_fill_only_keep_bytes() -> None:
+    inner = memory()
+    inner.put("k", b"0123456789")
+    backend = FaultInjectingBackend(inner, [Fault(("get", "get_range", "read_into"), action="truncate",
+                                                  keep=4, times=None)])
+    assert backend.get("k").data == b"0123"
+    assert backend.get_range("k", 2, 6) == b"2345"
+    first, second = bytearray(3), bytearray(5)
+    assert backend.read_into("k", 0, [memoryview(first), memoryview(second)]) == 4
+    assert (bytes(first), bytes(second)) == (b"012", b"3\0\0\0\0")
+
+
+def test_concurrent_calls_are_counted_exactly() -> None:
+    fault = Fault("put", skip=11, times=37)
+    backend = FaultInjectingBackend(memory(), [fault])
+    failures = []
+
+    def hammer(worker: int) -> None:
+        for i in range(50):
+            try:
+                backend.put(f"k/{worker}/{i}", b"x")
+            except TransientError:
+                failures.append(1)
+
+    threads = [threading.Thread(target=hammer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(failures) == 37 == backend.fired(fault)
+    assert len(backend.calls) == 400
+
+
+def test_bad_faults_are_refused() -> None:
+    with pytest.raises(ValueError, match="operation"):
+        Fault("upload")
+    with pytest.raises(ValueError, match="action"):
+        Fault("put", action="explode")
+    with pytest.raises(ValueError, match="truncate"):
+        Fault("delete", action="truncate")
+    with pytest.raises(ValueError):
+        Fault("put", times=-1)
+
+
+def test_cleanup_staging_and_backend_attributes_are_forwarded(tmp_path: Path) -> None:
+    inner = LocalBackend(str(tmp_path / "store"))
+    backend = FaultInjectingBackend(inner, [Fault("cleanup_staging")])
+    with pytest.raises(TransientError):
+        backend.cleanup_staging(0)
+    assert backend.cleanup_staging(0) == 0
+    assert backend.url == inner.url and backend.needs_canary == inner.needs_canary
+    assert backend.root == inner.root  # a LocalBackend attribute, read through the wrapper
+
+
+_CHILD = """
+import sys
+from ckptstore.backends.base import OVERWRITE
+from ckptstore.backends.local import LocalBackend
+from ckptstore.testing.faults import Fault, FaultInjectingBackend
+backend = FaultInjectingBackend(LocalBackend(sys.argv[1]), [Fault("put", key="^victim$", action=sys.argv[2])])
+backend.put("before", b"written first", mode=OVERWRITE)
+backend.put("victim", b"the payload " * 1000, mode=OVERWRITE)
+backend.put("after", b"never", mode=OVERWRITE)
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("action", ["kill_after", "kill_before"])
+def test_kill_in_a_child_process_kills_it_around_the_write(tmp_path: Path, action: str) -> None:
+    root = str(tmp_path / "store")
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), root, action],
+                            capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert "survived" not in result.stdout
+    store = LocalBackend(root)
+    assert store.get("before").data == b"written first"
+    assert not store.exists("after")
+    if action == "kill_after":
+        assert store.get("victim").data == b"the payload " * 1000  # the whole write landed first
+    else:
+        assert not store.exists("victim")
+
+
+def test_unused_fault_never_fires() -> None:
+    fault = Fault("delete", key="^nothing$")
+    backend = FaultInjectingBackend(memory(), [fault])
+    backend.put("k", b"v", mode=OVERWRITE)
+    backend.delete("k")
+    assert backend.fired(fault) == 0
