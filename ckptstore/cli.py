@@ -334,23 +334,30 @@ def _needs_safetensors(command: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "dcp" and args.max_shard_size is not None:
+        print("ckptstore export: --max-shard-size applies to safetensors only", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        from ckptstore.interop import export_safetensors
+        from ckptstore.interop import export_dcp, export_safetensors
     except ImportError:
         return _needs_safetensors("export")
     with _open(args.url) as store:
         step = _resolve_step(store, args.step)
         try:
-            files = export_safetensors(store, step, args.out, max_shard_bytes=args.max_shard_size, progress=True)
+            if args.format == "dcp":
+                files = export_dcp(store, step, args.out, trust_pickle=args.trust_pickle)
+            else:
+                files = export_safetensors(store, step, args.out, max_shard_bytes=args.max_shard_size,
+                                           progress=True)
         except ImportError:
             return _needs_safetensors("export")
         except OSError as exc:
             print(f"ckptstore export: {exc}", file=sys.stderr)
             return EXIT_ERROR
     if args.json:
-        _print_json({"step": step, "files": [str(f) for f in files]})
+        _print_json({"step": step, "format": args.format, "files": [str(f) for f in files]})
         return EXIT_OK
-    print(f"exported step {step} to {len(files)} file(s):")
+    print(f"exported step {step} as {args.format} to {len(files)} file(s):")
     for f in files:
         print(f"  {f}")
     return EXIT_OK
@@ -542,17 +549,23 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print JSON for scripts")
     cp.set_defaults(run=cmd_cp)
 
-    export = sub.add_parser("export", help="write a step as safetensors (needs torch and safetensors)",
+    export = sub.add_parser("export", help="write a step as safetensors or a DCP directory (needs torch)",
                             description="Write STEP ('latest' for the newest) as a safetensors file, or, when OUT "
                                         "ends with '/', is a directory, or --max-shard-size is given, as "
                                         "model-0000i-of-0000N.safetensors shards plus model.safetensors.index.json. "
                                         "Tensor names are tree paths joined with '.'; the other values of the state "
-                                        "go into the metadata as JSON (key ckptstore.tree).")
+                                        "go into the metadata as JSON (key ckptstore.tree). With --format dcp, OUT "
+                                        "becomes a torch.distributed.checkpoint directory instead.")
     export.add_argument("url", help="store URL or path")
     export.add_argument("step", type=_step_arg, help="step number or 'latest'")
     export.add_argument("out", help="output .safetensors file, or a directory for shards")
     export.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                         help="shard size limit, e.g. 2GiB or 5GB (implies a sharded directory)")
+    export.add_argument("--format", choices=("safetensors", "dcp"), default="safetensors",
+                        help="dcp: OUT becomes a torch.distributed.checkpoint directory (FileSystemWriter "
+                             "layout) that dcp.load(state, checkpoint_id=OUT) reads; OUT must be new or empty")
+    export.add_argument("--trust-pickle", action="store_true",
+                        help="dcp: skip the weights_only check of pickled values of a step saved through DCP")
     export.add_argument("--json", action="store_true", help="print JSON for scripts")
     export.set_defaults(run=cmd_export)
 

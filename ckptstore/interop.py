@@ -26,6 +26,23 @@ load without running code:
   ``{"metadata": {"total_size": N, ...}, "weight_map": {name: file}}``, whose metadata also
   holds the ``ckptstore.*`` keys. Files are written under a temporary name and renamed.
 
+Export to DCP (`export_dcp`) writes one step as a torch.distributed.checkpoint directory in
+``FileSystemWriter``'s layout (``.metadata`` plus ``__0_0.distcp``), so that
+``torch.distributed.checkpoint.load(state, checkpoint_id=DIR)`` reads it at any world size:
+
+- A step saved through DCP (`ckptstore.dcp.StoreWriter`) is read back through
+  `ckptstore.dcp.StoreReader` into full tensors and saved again with DCP's own writer: the
+  fqns, dtypes, global shapes and values are the ones the trainer saved; the shard layout is
+  not kept (each tensor becomes one chunk), which DCP's resharding on load does not need.
+  Non-tensor values pass the same ``torch.load(weights_only=True)`` check as in StoreReader
+  unless ``trust_pickle=True``.
+- Any other step (`Store.save`) is `Store.load`-ed and saved with DCP as it is: DCP flattens
+  nested dicts to dotted fqns (int keys become strings on load, as for any DCP checkpoint),
+  numpy values become torch tensors, other non-tensor values become DCP's bytes items.
+- Runs in one process without a process group and holds the whole step in memory. The
+  directory is written under a temporary name beside `path` and renamed into place; `path`
+  must not exist or be an empty directory.
+
 Import (`import_checkpoint`) saves a foreign checkpoint as a step:
 
 - a ``.safetensors`` file, or a directory with ``*.safetensors.index.json``: read with
@@ -59,6 +76,7 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -249,6 +267,91 @@ def export_safetensors(store: Store, step: int, path: str | os.PathLike[str], *,
     _write_atomic(lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"), index_path)
     written.append(index_path)
     return written
+
+
+# -- export to DCP ------------------------------------------------------------------------------
+def _numpy_to_torch(value: Any) -> Any:
+    """A loaded state with numpy arrays and scalars as torch tensors (DCP would pickle them)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, (np.ndarray, np.generic)):
+        return torch.from_numpy(np.array(value, order="C", copy=True))
+    if isinstance(value, dict):
+        return {k: _numpy_to_torch(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numpy_to_torch(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_numpy_to_torch(v) for v in value)
+    return value
+
+
+def _read_dcp_step(store: Store, step: int, trust_pickle: bool) -> dict[str, Any]:
+    """The trainer's state of a StoreWriter step, as full tensors, in this process."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from ckptstore.dcp import StoreReader, unwrap
+
+    state: dict[str, Any] = {}
+    reader = StoreReader(store, step, trust_pickle=trust_pickle)
+    reader.read_metadata()  # ckptstore errors as themselves, before DCP wraps them
+    # _EmptyStateDictLoadPlanner builds the state from the metadata (as DCP's own
+    # dcp_to_torch_save does); no_dist: no process group needed or used.
+    try:
+        _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except BaseException as exc:  # DCP wraps a reader's error in a CheckpointException
+        inner = unwrap(exc)
+        if inner is None or inner is exc:
+            raise
+        raise inner from exc
+    return state
+
+
+def _is_dcp_step(store: Store, step: int) -> bool:
+    from ckptstore.tree import decode_tree
+
+    tree = decode_tree(store.info(step).manifest.tree)
+    return isinstance(tree, dict) and isinstance(tree.get("dcp"), dict) and "metadata" in tree["dcp"]
+
+
+def export_dcp(store: Store, step: int, path: str | os.PathLike[str], *, trust_pickle: bool = False) -> list[Path]:
+    """Write `step` of `store` as a DCP checkpoint directory at `path` (FileSystemWriter layout;
+    see the module docstring); returns the files written, ``.metadata`` last. Raises
+    InteropError if `path` is a file or a non-empty directory, UnsupportedValueError for a
+    pickled value restricted unpickling refuses (DCP steps, unless `trust_pickle`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from ckptstore.dcp import unwrap
+
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InteropError(f"{target}: exists and is not an empty directory; export a DCP checkpoint into a new one")
+    if _is_dcp_step(store, step):
+        state = _read_dcp_step(store, step, trust_pickle)
+    else:
+        state = _numpy_to_torch(store.load(step))
+        if not isinstance(state, dict):
+            state = {"state": state}  # DCP saves a dict; a bare value gets the name export_safetensors uses
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                dcp.save(state, storage_writer=FileSystemWriter(str(tmp)), no_dist=True)
+            except BaseException as exc:  # DCP wraps failures in a CheckpointException
+                inner = unwrap(exc)
+                if inner is None or inner is exc:
+                    raise
+                raise inner from exc
+        os.replace(tmp, target)  # onto a missing path or an empty directory: one rename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p for p in target.iterdir() if p.name != ".metadata")
+    return [*files, target / ".metadata"]
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -469,5 +572,5 @@ def import_checkpoint(store: Store, step: int, source: str | os.PathLike[str], *
     return store.save(step, state, overwrite=overwrite, metadata=exported if metadata is None else metadata)
 
 
-__all__ = ["INDEX_NAME", "InteropError", "detect_format", "export_safetensors", "import_checkpoint",
+__all__ = ["INDEX_NAME", "InteropError", "detect_format", "export_dcp", "export_safetensors", "import_checkpoint",
            "read_checkpoint"]

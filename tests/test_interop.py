@@ -233,3 +233,158 @@ def test_colliding_names_get_a_suffix(tmp_path: Path) -> None:
     assert set(load_file(tmp_path / "c.safetensors")) == {"a.b", "a.b#2", "l.0", "l.1.0"}
     import_checkpoint(store, 2, tmp_path / "c.safetensors")
     assert_same(state, store.load(2))
+
+
+# -- export to a DCP directory ----------------------------------------------------------------
+def _dcp_load(template: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """Load with torch's stock FileSystemReader, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.warns(UserWarning):  # "assuming the intent is to load in a single process"
+        dcp.load(template, checkpoint_id=str(directory))
+    return template
+
+
+def _zeros_like(value: Any) -> Any:
+    """A load template of the same structure with every tensor zeroed and plain values changed."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, np.ndarray):
+        return torch.zeros(value.shape, dtype=torch.from_numpy(value).dtype)
+    if isinstance(value, dict):
+        return {k: _zeros_like(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_zeros_like(v) for v in value]
+    return None
+
+
+def test_export_dcp_of_a_plain_step_loads_with_torchs_reader(store: ckptstore.Store, tmp_path: Path) -> None:
+    from ckptstore.interop import export_dcp
+
+    out = tmp_path / "dcp-out"
+    files = export_dcp(store, 100, out)
+    assert files[-1] == out / ".metadata" and all(f.is_file() for f in files)
+    assert not list(tmp_path.glob(".dcp-out.tmp-*"))  # the temporary directory was renamed away
+    stored = store.load(100)
+    back = _dcp_load(_zeros_like(stored), out)
+    assert_same(stored["model"], back["model"])
+    assert_same(stored["optim"]["state"][0], back["optim"]["state"][0])
+    assert back["optim"]["param_groups"] == [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0]}]
+    assert_same(stored["np"], back["np"])  # numpy arrays become torch tensors
+    assert back["step"] == 100 and back["extra"]["blob"] == b"\x00\xff"
+
+    with pytest.raises(InteropError, match="not an empty directory"):
+        export_dcp(store, 100, out)  # never writes into an existing checkpoint
+
+
+def test_dcp_directory_round_trip_through_the_store(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from ckptstore.interop import export_dcp
+
+    torch.manual_seed(1)
+    state = {"model": {"w": torch.randn(16, 8), "b": torch.randn(8).to(torch.bfloat16),
+                       "ids": torch.arange(5, dtype=torch.int32)},
+             "optim": {"state": {"0": {"exp_avg": torch.randn(16, 8)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+             "step": 42, "note": "hello"}
+    with pytest.warns(UserWarning):
+        dcp.save(state, checkpoint_id=str(tmp_path / "a"))
+    store = ckptstore.open(str(tmp_path / "s"))
+    import_checkpoint(store, 7, tmp_path / "a")
+    export_dcp(store, 7, tmp_path / "b")
+    from_a = _dcp_load(_zeros_like(state), tmp_path / "a")
+    from_b = _dcp_load(_zeros_like(state), tmp_path / "b")
+    assert_same(from_a, from_b)
+    assert_same(state, from_b)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_export_dcp_of_a_storewriter_step(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from ckptstore.dcp import StoreWriter
+    from ckptstore.errors import UnsupportedValueError
+    from ckptstore.interop import export_dcp
+
+    store = ckptstore.open(str(tmp_path / "s"))
+    state = {"model": {"w": torch.randn(6, 4), "h": torch.ones(3, dtype=torch.float16)}, "step": 9,
+             "sched": {"lr": [0.1, 0.01]}}
+    dcp.save(state, storage_writer=StoreWriter(store, 3))
+    export_dcp(store, 3, tmp_path / "out")
+    back = _dcp_load({"model": {"w": torch.zeros(6, 4), "h": torch.zeros(3, dtype=torch.float16)}, "step": 0,
+                      "sched": {"lr": None}}, tmp_path / "out")
+    assert_same(state, back)
+
+    dcp.save({"w": torch.ones(2), "obj": Sneaky(str(tmp_path / "pwned"))}, storage_writer=StoreWriter(store, 4))
+    with pytest.raises(UnsupportedValueError, match="trust_pickle"):
+        export_dcp(store, 4, tmp_path / "evil")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "evil").exists()
+
+
+def test_cli_export_format_dcp(store: ckptstore.Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptstore.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+
+    out = tmp_path / "cli-dcp"
+    assert main(["export", "--format", "dcp", "--json", store.url, "latest", str(out)]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"step": 100, "format": "dcp", "files": [str(out / "__0_0.distcp"), str(out / ".metadata")]}
+    back = _dcp_load({"model": {"emb": torch.zeros(1000, dtype=torch.int64)}}, out)
+    assert torch.equal(back["model"]["emb"], torch.arange(1000))
+    assert main(["export", "--format", "dcp", store.url, "100", str(out)]) == EXIT_ERROR  # exists
+    assert "not an empty directory" in capsys.readouterr().err
+    assert main(["export", "--format", "dcp", "--max-shard-size", "1MB", store.url, "100",
+                 str(tmp_path / "x")]) == EXIT_USAGE
+
+
+# 2 gloo ranks save a Shard(0) DTensor with DCP's own FileSystemWriter; the directory goes
+# through the store (import, export) and is loaded back at 2 ranks with the stock reader.
+ROWS, COLS = 7, 3  # uneven shards over 2 ranks: 4 and 3 rows
+
+
+def _gloo_worker(rank: int, world: int, tmp: str, phase: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-{phase}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        full = torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS)
+        if phase == "save":
+            state = {"w": distribute_tensor(full, mesh, [Shard(0)]), "b": torch.full((2,), 3.0), "step": 11}
+            dcp.save(state, checkpoint_id=f"{tmp}/orig")
+        else:
+            target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)]), "b": torch.zeros(2),
+                      "step": -1}
+            dcp.load(target, checkpoint_id=f"{tmp}/exported")
+            Path(tmp, f"load-{rank}.json").write_text(json.dumps({
+                "local": target["w"].to_local().tolist(), "full": target["w"].full_tensor().tolist(),
+                "b": target["b"].tolist(), "step": target["step"]}))
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skip gloo's C++ teardown at exit (see tests/test_dcp.py, _exit_cleanly)
+
+
+@pytest.mark.slow
+def test_sharded_dcp_checkpoint_of_two_ranks_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.multiprocessing as mp
+
+    from ckptstore.interop import export_dcp
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    tmp = str(tmp_path)
+    mp.spawn(_gloo_worker, args=(2, tmp, "save"), nprocs=2, join=True)
+    store = ckptstore.open(str(tmp_path / "s"))
+    import_checkpoint(store, 1, tmp_path / "orig")
+    full = torch.arange(ROWS * COLS, dtype=torch.float32).reshape(ROWS, COLS)
+    assert torch.equal(store.load(1)["w"], full)
+    export_dcp(store, 1, tmp_path / "exported")
+    mp.spawn(_gloo_worker, args=(2, tmp, "load"), nprocs=2, join=True)
+    for rank in range(2):
+        report = json.loads(Path(tmp, f"load-{rank}.json").read_text())
+        assert report["full"] == full.tolist() and report["local"] == full[rank * 4:rank * 4 + 4].tolist()
+        assert report["b"] == [3.0, 3.0] and report["step"] == 11
