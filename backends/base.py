@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ckptstore.errors import ObjectNotFoundError
+from ckptstore.errors import FormatError, ObjectNotFoundError
 
 # Anything the buffer protocol can hand out as bytes.
 Buffer = bytes | bytearray | memoryview
@@ -124,6 +124,23 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error."""
+
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """A small object (ref, marker, lock) and its version, never reading more than `limit` + 1
+        bytes: a whole get has no size bound, and anyone with write access could plant a huge
+        object at such a key. Raises ObjectNotFoundError, or FormatError above `limit`.
+
+        The version comes from a head before the bounded read. If the object is replaced in
+        between, the bytes are newer than the version, so a compare-and-swap against that
+        version fails (a conflict) and never clobbers.
+        """
+        info = self.head(key)
+        if info.size > limit:
+            raise FormatError(f"{key} is {info.size} bytes, over the {limit}-byte limit for this kind of object")
+        data = self.get_range(key, 0, limit + 1)
+        if len(data) > limit:
+            raise FormatError(f"{key} grew past the {limit}-byte limit for this kind of object")
+        return GetResult(data, info.version)
 
     def exists(self, key: str) -> bool:
         """Whether `key` exists (one head request)."""

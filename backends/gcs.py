@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.parts import PartsReader
 from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -198,58 +199,6 @@ def translate_error(
 def _views(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     return [memoryview(p).cast("B") for p in parts]
-
-
-class _PartsReader(io.RawIOBase):
-    """A seekable, read-only file over several buffers, so uploads need no joined copy."""
-
-    def __init__(self, views: Sequence[memoryview]):
-        super().__init__()
-        self._views = [v for v in views if v.nbytes]
-        self._starts: list[int] = []
-        total = 0
-        for v in self._views:
-            self._starts.append(total)
-            total += v.nbytes
-        self.size = total
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
-        if self._pos >= end:
-            return b""
-        if len(self._views) == 1:  # the common case: one copy of the slice, nothing else
-            out = bytes(self._views[0][self._pos:end])
-        else:
-            pieces = []
-            for start, view in zip(self._starts, self._views, strict=True):
-                lo, hi = max(self._pos, start), min(end, start + view.nbytes)
-                if lo < hi:
-                    pieces.append(view[lo - start:hi - start])
-            out = b"".join(pieces)
-        self._pos = end
-        return out
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(memoryview(buffer).nbytes)
-        memoryview(buffer).cast("B")[: len(data)] = data
-        return len(data)
 
 
 class _BuffersWriter:
@@ -516,7 +465,7 @@ class GCSBackend(Backend):
             condition = 0
         else:
             condition = None
-        reader = _PartsReader(_views(data))
+        reader = PartsReader(_views(data))
         if mode.kind == "update" and reader.size > self._simple_limit:
             raise ValueError(
                 f"update-if-version put of {reader.size} bytes to {key!r}: conditional puts must fit one "

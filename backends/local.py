@@ -27,6 +27,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
 from ckptstore.errors import (
@@ -138,11 +139,16 @@ class LocalBackend(Backend):
         tmp_path = os.path.join(self._tmp, f"{uuid.uuid4().hex}.tmp")
         fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            position = started = 0
             for part in parts:
                 view = memoryview(part).cast("B")
                 while view.nbytes:
-                    written = os.write(fd, view)
+                    written = os.write(fd, view[:_WRITEBACK_STEP])
                     view = view[written:]
+                    position += written
+                    if position - started >= _WRITEBACK_STEP:
+                        _start_writeback(fd, started, position - started)
+                        started = position
             os.fsync(fd)
             os.close(fd)
             fd = os.open(tmp_path, os.O_RDONLY)
@@ -306,6 +312,10 @@ class LocalBackend(Backend):
 
 
 def _read_exact(fd: int, start: int, length: int) -> bytes:
+    # Clamp to the file's size first: os.pread allocates the full request up front, and
+    # callers ask for "at most N" (a 256 MiB bound for manifests, header + raw size for a
+    # compressed chunk), which cost that much memory for every small object read.
+    length = min(length, max(0, os.fstat(fd).st_size - start))
     chunks = []
     pos = start
     remaining = length
@@ -317,6 +327,35 @@ def _read_exact(fd: int, start: int, length: int) -> bytes:
         pos += len(block)
         remaining -= len(block)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# Large objects are written in steps of this size, and the kernel is asked to start writing
+# each step back to disk right away (sync_file_range, SYNC_FILE_RANGE_WRITE: asynchronous, no
+# durability promise) while the next is copied in, so the closing fsync finds most of the
+# file already on its way. Measured on a 512 MiB save (16 MiB chunks, 4 threads; median of 6
+# interleaved runs): 0.55 s -> 0.49 s. The fsync still provides the guarantee.
+_WRITEBACK_STEP = 4 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux/glibc: the fsync alone does the work
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are ignored
 
 
 def _fsync_dir(path: str) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.parts import PartsReader
 from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -93,10 +94,17 @@ def translate_errors(key: str, operation: str, mode: PutMode | None = None) -> I
         raise BackendError(f"S3 client error: {type(exc).__name__}", key=key, operation=operation) from exc
 
 
-def _join(parts: Sequence[Buffer]) -> bytes | memoryview:
-    if len(parts) == 1:
-        return parts[0] if isinstance(parts[0], bytes) else memoryview(parts[0]).cast("B")
-    return b"".join(memoryview(p).cast("B") for p in parts)
+def _slice_parts(parts: Sequence[Buffer], start: int, length: int) -> list[memoryview]:
+    """Views of the bytes [start, start + length) of the concatenated `parts`, without copying."""
+    out = []
+    pos = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        lo, hi = max(start, pos), min(start + length, pos + view.nbytes)
+        if lo < hi:
+            out.append(view[lo - pos:hi - pos])
+        pos += view.nbytes
+    return out
 
 
 class S3Backend(Backend):
@@ -244,12 +252,11 @@ class S3Backend(Backend):
         elif mode.kind == "update":
             assert mode.version is not None
             conditions["IfMatch"] = mode.version
-        body = _join(parts)
         for attempt in range(_CONFLICT_RETRIES + 1):
             with translate_errors(key, operation, mode):
                 try:
-                    response = self._client.put_object(Bucket=self.bucket, Key=name, Body=bytes(body)
-                                                       if isinstance(body, memoryview) else body, **conditions)
+                    response = self._client.put_object(Bucket=self.bucket, Key=name, Body=PartsReader(parts),
+                                                       **conditions)
                     return str(response["ETag"])
                 except Exception as exc:
                     code, status = _error_code(exc)
@@ -266,17 +273,17 @@ class S3Backend(Backend):
         raise AssertionError("unreachable")
 
     def _put_multipart(self, key: str, name: str, parts: Sequence[Buffer]) -> str:
-        body = memoryview(_join(parts)).cast("B")
+        size = sum(memoryview(p).nbytes for p in parts)
         operation = "put multipart"
         with translate_errors(key, operation):
             upload = self._client.create_multipart_upload(Bucket=self.bucket, Key=name)
             upload_id = upload["UploadId"]
             try:
                 done = []
-                for number, start in enumerate(range(0, body.nbytes, self.part_size), start=1):
-                    piece = body[start:start + self.part_size]
+                for number, start in enumerate(range(0, size, self.part_size), start=1):
+                    piece = PartsReader(_slice_parts(parts, start, self.part_size))
                     response = self._client.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id,
-                                                        PartNumber=number, Body=bytes(piece))
+                                                        PartNumber=number, Body=piece)
                     done.append({"PartNumber": number, "ETag": response["ETag"]})
                 result = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done})

@@ -1,18 +1,38 @@
 """Moving chunks between tensors and a backend: hash, dedup, compress, put; get, check, land.
 
-Both directions run on a thread pool (hashing, zstd and the SDKs release the GIL) with a
-bounded number of chunks in flight, so memory stays at a few chunks beyond the state itself.
+Both directions are a bounded pipeline on a thread pool: each task takes one chunk through
+every stage (save: slice or pack -> hash -> exists-check -> compress -> put; load: get ->
+decompress -> land -> hash-check), and at most 2 x threads chunks are in flight, so memory
+stays at a few chunks beyond the state itself. One task per chunk, rather than a thread per
+stage, because every stage releases the GIL (blake3, zstd, numpy copies, file and socket
+I/O) and a chunk's bytes stay hot in that core's cache from hash to put.
+
+Loads land bytes in the target tensor's memory: an uncompressed chunk holding one tensor
+slice is read straight into it, a compressed one is read into a per-thread buffer that is
+reused from chunk to chunk and decompressed straight into it (a shuffled one in 1 MiB
+blocks scattered into the byte planes). Only packs of small tensors go through a
+decompressed copy.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ckptstore.backends.base import CREATE, Backend, total_length
-from ckptstore.chunkblob import HEADER_SIZE, Compression, decode_chunk, decode_header, encode_chunk
+from ckptstore.chunkblob import (
+    BYTES,
+    HEADER_SIZE,
+    Compression,
+    ElementType,
+    decode_chunk,
+    decode_chunk_into,
+    decode_header,
+    encode_chunk,
+)
 from ckptstore.chunking import ChunkPlan, PlannedChunk
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -58,13 +78,19 @@ class WrittenChunk:
 
 
 class ChunkWriter:
-    """Writes planned chunks of source tensors, skipping chunks the backend already has."""
+    """Writes planned chunks of source tensors, skipping chunks the backend already has.
 
-    def __init__(self, backend: Backend, hash_fn: Callable[[Any], str], compression: Compression, threads: int):
+    `elements` (one per source tensor, optional) lets compression byte-shuffle by the
+    tensor's element size and always compress integer data; without it chunks are bytes.
+    """
+
+    def __init__(self, backend: Backend, hash_fn: Callable[[Any], str], compression: Compression, threads: int,
+                 *, elements: Sequence[ElementType] | None = None):
         self.backend = backend
         self.hash_fn = hash_fn
         self.compression = compression
         self.threads = threads
+        self.elements = list(elements) if elements is not None else None
 
     def write(self, plan: ChunkPlan, sources: list[memoryview]) -> list[WrittenChunk]:
         """Write every chunk of `plan`; returns one result per planned chunk, in order."""
@@ -79,12 +105,19 @@ class ChunkWriter:
             return WrittenChunk(ChunkEntry(digest, chunk.size, info.size), written=False)
         except ObjectNotFoundError:
             pass
-        parts = encode_chunk(raw, self.compression)
+        parts = encode_chunk(raw, self.compression, self._element(chunk))
         try:
             self.backend.put(key, parts, mode=CREATE)
         except AlreadyExistsError:  # a concurrent save wrote the same bytes first
             return WrittenChunk(ChunkEntry(digest, chunk.size, self.backend.head(key).size), written=False)
         return WrittenChunk(ChunkEntry(digest, chunk.size, total_length(parts)), written=True)
+
+    def _element(self, chunk: PlannedChunk) -> ElementType:
+        # A pack of tensors with one element type keeps it; a mixed pack is plain bytes.
+        if self.elements is None or self.compression.codec == "none":
+            return BYTES
+        kinds = {self.elements[index] for index, _, _ in chunk.pieces}
+        return kinds.pop() if len(kinds) == 1 else BYTES
 
 
 def restore_missing(writer: ChunkWriter, plan: ChunkPlan, written: list[WrittenChunk],
@@ -131,6 +164,20 @@ class ChunkReader:
         self.hash_fn = hash_fn
         self.threads = threads
         self.verify = verify
+        self._scratch = threading.local()
+
+    def _buffer(self, size: int) -> memoryview:
+        """This thread's reusable read buffer, at least `size` bytes. Reused because fresh
+        chunk-sized bytes per read fragment the allocator's per-thread arenas (measured: a
+        1 GB compressed load held ~120 MB extra RSS with one allocation per chunk)."""
+        buffer: memoryview | None = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.nbytes < size:
+            import numpy as np
+
+            # np.empty does not touch the pages: RSS grows only by the bytes actually read.
+            buffer = np.empty(size, np.uint8).data
+            self._scratch.buffer = buffer
+        return buffer
 
     def read(self, jobs: list[tuple[ChunkEntry, list[Landing]]], context: str) -> None:
         """Land every chunk's bytes; raises IntegrityError naming `context`, the tensor and key."""
@@ -152,7 +199,7 @@ class ChunkReader:
 
     def _read_direct(self, key: str, chunk: ChunkEntry, landings: list[Landing]) -> bool:
         """Zero-copy path: an uncompressed chunk holding one tensor slice is read into the tensor."""
-        if len(landings) != 1 or landings[0].offset != 0 or landings[0].length != chunk.raw_size:
+        if not _whole_chunk(chunk, landings):
             return False
         if chunk.stored_size != HEADER_SIZE + chunk.raw_size:
             return False
@@ -160,7 +207,7 @@ class ChunkReader:
         header = bytearray(HEADER_SIZE)
         got = self.backend.read_into(key, 0, [memoryview(header), target])
         parsed = decode_header(header) if got >= HEADER_SIZE else None
-        if parsed is None or parsed.codec != 0 or parsed.raw_length != chunk.raw_size:
+        if parsed is None or parsed.codec != 0 or parsed.filter != 0 or parsed.raw_length != chunk.raw_size:
             return False  # not what the sizes suggested: take the general path
         if got != HEADER_SIZE + chunk.raw_size:
             raise FormatError(f"chunk blob truncated: {got} of {HEADER_SIZE + chunk.raw_size} bytes")
@@ -171,9 +218,15 @@ class ChunkReader:
         # A valid blob is never longer than header + raw: read one byte more to catch junk
         # without letting a hostile object make us allocate more than that.
         limit = HEADER_SIZE + chunk.raw_size
-        blob = self.backend.get_range(key, 0, limit + 1)
+        buffer = self._buffer(limit + 1)
+        blob = buffer[:self.backend.read_into(key, 0, [buffer[:limit + 1]])]
         if len(blob) > limit:
             raise FormatError(f"chunk blob longer than header + {chunk.raw_size} raw bytes")
+        if _whole_chunk(chunk, landings):  # one tensor slice: decompress straight into it
+            target = landings[0].target
+            decode_chunk_into(blob, target)
+            self._check(key, chunk, target)
+            return
         raw = decode_chunk(blob, expected_raw_length=chunk.raw_size)
         self._check(key, chunk, raw)
         for landing in landings:
@@ -184,3 +237,8 @@ class ChunkReader:
             actual = self.hash_fn(raw)
             if actual != chunk.digest:
                 raise FormatError(f"content hash {actual[:16]}... does not match its key")
+
+
+def _whole_chunk(chunk: ChunkEntry, landings: list[Landing]) -> bool:
+    """Whether the chunk's bytes all go, in order, to one target."""
+    return len(landings) == 1 and landings[0].offset == 0 and landings[0].length == chunk.raw_size

@@ -20,7 +20,7 @@ from ckptstore.errors import (
     StepExistsError,
     TransientError,
 )
-from ckptstore.manifest import Ref, decode_ref, encode_ref
+from ckptstore.manifest import MAX_REF_BYTES, Ref, decode_ref, encode_ref
 
 # How often an ambiguous outcome (transient error on the conditional put) is retried after
 # re-reading the ref showed our commit did not land.
@@ -28,9 +28,13 @@ _AMBIGUOUS_RETRIES = 3
 
 
 def read_ref(backend: Backend, key: str) -> tuple[Ref, str] | None:
-    """The ref at `key` and its version, or None if absent."""
+    """The ref at `key` and its version, or None if absent. Raises FormatError.
+
+    Never reads more than MAX_REF_BYTES + 1 bytes, whatever is planted at `key`
+    (Backend.get_small: a head for the version, then a bounded ranged get).
+    """
     try:
-        result = backend.get(key)
+        result = backend.get_small(key, MAX_REF_BYTES)
     except ObjectNotFoundError:
         return None
     return decode_ref(result.data), result.version

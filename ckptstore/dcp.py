@@ -17,7 +17,6 @@ Importing this module imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
@@ -50,16 +49,16 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ckptstore import errors, keys
-from ckptstore.backends.base import CREATE
 from ckptstore.canary import ensure_conditional_writes
-from ckptstore.chunking import ChunkPlan, plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map, restore_missing
-from ckptstore.commit import commit_ref
+from ckptstore.chunkblob import BYTES, ElementType
+from ckptstore.chunking import plan_chunks
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
+from ckptstore.distributed import ChunkTable, plain_segments, settle_chunks, write_manifest_and_commit
 from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
-from ckptstore.errors import AlreadyExistsError, CkptStoreError, FormatError, IntegrityError
+from ckptstore.errors import CkptStoreError, FormatError, IntegrityError
 from ckptstore.hashing import hasher
-from ckptstore.leases import Epoch, Lease, read_epoch, wait_for_gc
-from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
+from ckptstore.leases import Epoch, Lease, read_epoch
+from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry
 from ckptstore.store import Store, writer_identity
 from ckptstore.tensors import describe, torch_dtype_name
 from ckptstore.tree import TensorRef, decode_tree, encode_tree
@@ -344,6 +343,7 @@ class StoreWriter(StorageWriter):
     def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         items: list[WriteItem] = list(plan.items)
         sources: list[memoryview] = []
+        elements: list[ElementType] = []  # what compression may assume about each source's bytes
         described: list[tuple[str, str, tuple[int, ...]]] = []
         keepalive = []
         for item in items:
@@ -351,57 +351,40 @@ class StoreWriter(StorageWriter):
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
                 sources.append(memoryview(raw))
+                elements.append(BYTES)
                 described.append((KIND_BYTES, "uint8", (len(raw),)))
                 keepalive.append(raw)
             else:
                 src = describe(data, item.index.fqn)
                 sources.append(src.data)
+                elements.append(src.element)
                 described.append((KIND_TORCH, src.dtype, src.shape))
                 keepalive.append(src.keepalive)
         chunk_plan = plan_chunks([s.nbytes for s in sources], self.store.chunking)
-        writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads)
+        writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
+                             elements=elements)
         written = writer.write(chunk_plan, sources)
-        self._settle_chunks(chunk_plan, written, writer, sources)
+        assert self._epoch is not None, "prepare_local_plan was not called"
+        settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
         new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
         self.new_chunks, self.new_bytes = len(new), sum(new.values())
 
         results = []
-        for item, (kind, dtype, shape), segments, source in zip(items, described, chunk_plan.segments, sources,
-                                                                strict=True):
-            segs = []
-            for slot, offset, length in segments:
-                entry = written[slot].entry
-                segs.append([entry.digest, offset, length, entry.raw_size, entry.stored_size])
+        for item, (kind, dtype, shape), segs, source in zip(items, described, plain_segments(chunk_plan, written),
+                                                            sources, strict=True):
             storage = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs}
             results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=storage))
         del keepalive
         return results
 
-    def _settle_chunks(self, plan: ChunkPlan, written: list[WrittenChunk], writer: ChunkWriter,
-                       sources: list[memoryview]) -> None:
-        """As Store._settle_with_gc, for this rank's chunks: if a gc may have swept since this
-        rank read the epoch, wait for it and re-upload any chunk it deleted."""
-        assert self._epoch is not None, "prepare_local_plan was not called"
-        backend = self.store.backend
-        if not read_epoch(backend)[0].swept_since(self._epoch):
-            return
-        wait_for_gc(backend, ttl=self.store.lease_ttl)
-        restore_missing(writer, plan, written, sources)
-
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        table: dict[str, int] = {}
-        chunks: list[ChunkEntry] = []
+        table = ChunkTable()
         tensors: list[TensorEntry] = []
         by_fqn: dict[str, list[TensorRef]] = {}
         for rank_results in results:
             for result in rank_results:
                 storage = result.storage_data
-                segments = []
-                for digest, offset, length, raw_size, stored_size in storage["segments"]:
-                    if digest not in table:
-                        table[digest] = len(chunks)
-                        chunks.append(ChunkEntry(digest, raw_size, stored_size))
-                    segments.append((table[digest], offset, length))
+                segments = table.segments(storage["segments"])
                 fqn = result.index.fqn
                 placement: dict[str, Any] = {"fqn": fqn}
                 if storage["kind"] == KIND_BYTES:
@@ -414,41 +397,16 @@ class StoreWriter(StorageWriter):
                                                  else list(storage["shape"]))
                 by_fqn.setdefault(fqn, []).append(TensorRef(len(tensors)))
                 dtype = "uint8" if storage["kind"] == KIND_BYTES else storage["dtype"]
-                tensors.append(TensorEntry(KIND_TORCH, dtype, tuple(storage["shape"]), tuple(segments), placement))
+                tensors.append(TensorEntry(KIND_TORCH, dtype, tuple(storage["shape"]), segments, placement))
 
         tree_obj = {TREE_KEY: {"format": DCP_FORMAT, "metadata": metadata_to_plain(metadata), "items": by_fqn}}
         tree = encode_tree(tree_obj, lambda _path, value: value.index if isinstance(value, TensorRef) else None)
         summary = {TREE_KEY: {"format": DCP_FORMAT, "items": len(metadata.state_dict_metadata),
                               "ranks": len(results)}}
-        manifest = Manifest(self.step, time.time(), summary, tree, tuple(tensors), tuple(chunks))
-        encoded = encode_manifest(manifest)
-        digest = self._hash(encoded)
-        backend = self.store.backend
-        manifest_key = keys.manifest_key(digest)
-        with contextlib.suppress(AlreadyExistsError):  # an identical manifest is already stored
-            backend.put(manifest_key, encoded, mode=CREATE)
-        self._settle_manifest(chunks, manifest_key, encoded)
-        ref = Ref(manifest=digest, step=self.step, committed=time.time(), writer=writer_identity())
-        self.committed = commit_ref(backend, keys.step_ref_key(self.step), ref, overwrite=self.overwrite)
-
-    def _settle_manifest(self, chunks: list[ChunkEntry], manifest_key: str, encoded: bytes) -> None:
-        """Before the commit: if a gc may have swept since the coordinator read the epoch, wait
-        for it, put the manifest back if needed and check that every chunk is there. Every
-        rank already re-uploaded what a sweep took from it; a chunk missing now cannot be
-        re-uploaded here (only its rank had the bytes): the save fails and commits nothing."""
+        manifest = Manifest(self.step, time.time(), summary, tree, tuple(tensors), tuple(table.chunks))
         assert self._epoch is not None, "prepare_local_plan was not called"
-        backend = self.store.backend
-        if not read_epoch(backend)[0].swept_since(self._epoch):
-            return
-        wait_for_gc(backend, ttl=self.store.lease_ttl)
-        if not backend.exists(manifest_key):
-            with contextlib.suppress(AlreadyExistsError):
-                backend.put(manifest_key, encoded, mode=CREATE)
-        present = bounded_map(lambda c: backend.exists(keys.chunk_key(c.digest)), chunks, self.store.threads)
-        missing = [c.digest for c, ok in zip(chunks, present, strict=True) if not ok]
-        if missing:
-            raise IntegrityError(f"step {self.step}: {len(missing)} chunk(s) (e.g. {keys.chunk_key(missing[0])}) "
-                                 f"vanished during the save (a gc swept); nothing was committed, save again")
+        _, self.committed = write_manifest_and_commit(self.store, self._epoch, manifest, overwrite=self.overwrite,
+                                                      writer=writer_identity())
 
 
 # -- reading ---------------------------------------------------------------------------------

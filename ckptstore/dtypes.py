@@ -48,6 +48,18 @@ def numpy_dtype_allowed(dtype: str) -> bool:
     return isinstance(dtype, str) and _NUMPY_DTYPE.fullmatch(dtype) is not None
 
 
+def numpy_itemsize(dtype: str) -> int | None:
+    """Bytes per element of an allowed numpy dtype string (as numpy computes it), else None."""
+    if not numpy_dtype_allowed(dtype):
+        return None
+    code, rest = dtype[1], dtype[2:]
+    if code in "mM":
+        return 8
+    if code == "U":
+        return 4 * int(rest)  # UCS-4
+    return int(rest)  # b1, i/u/f/c<bytes>, S<bytes>
+
+
 def element_size(kind: str, dtype: str) -> int | None:
     """Bytes per element, or None when only numpy can tell (checked at load time)."""
     if kind == KIND_TORCH:

@@ -22,6 +22,8 @@ The tree::
     ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
     │   └── UnsupportedFormatError    written by a newer/unknown format version
     ├── UnsupportedValueError         the state holds a value the format cannot represent
+    │   └── StateConflictError        ranks of a distributed save passed states that cannot merge
+    ├── DistributedSaveError          a rank of a distributed save died or timed out
     ├── IncompatibleStoresError       cp between stores with different hash algorithms
     ├── InteropError                  a foreign checkpoint (DCP, torch.save, safetensors) that cannot be converted
     └── StateMismatchError            load(into=...) found a tensor of another shape or dtype
@@ -191,3 +193,18 @@ class InteropError(CkptStoreError, ValueError):
 
 class StateMismatchError(CkptStoreError, ValueError):
     """load(into=...) found a target tensor whose shape or dtype differs from the stored one."""
+
+
+class StateConflictError(UnsupportedValueError):
+    """Ranks passed states that cannot be merged: a leaf that differs between the ranks holding
+    it, or a dict on one rank where another has a leaf. `path` and `ranks` name them."""
+
+    def __init__(self, path: str, ranks: tuple[int, ...], reason: str):
+        self.ranks = ranks
+        super().__init__(path, f"ranks {', '.join(map(str, ranks))}: {reason}; a value held by several ranks "
+                               f"must be identical on all of them (see ckptstore.distributed)")
+
+
+class DistributedSaveError(CkptStoreError):
+    """A collective of a distributed save failed: a rank died, or did not answer within the
+    process group's timeout. Nothing was committed unless the message says so."""

@@ -33,6 +33,7 @@ from ckptstore.errors import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
+from ckptstore.manifest import MAX_REF_BYTES
 
 DEFAULT_TTL = 600.0
 GC_LOCK = keys.lock_key("gc")
@@ -92,7 +93,7 @@ def list_locks(backend: Backend, *, ttl: float = DEFAULT_TTL, now: float | None 
     for info in backend.list(keys.LOCKS):
         owner = "?"
         with contextlib.suppress(ObjectNotFoundError, FormatError):
-            owner = str(_unpack(backend.get(info.key).data, "lock").get("owner", "?"))
+            owner = str(_unpack(backend.get_small(info.key, MAX_REF_BYTES).data, "lock").get("owner", "?"))
         age = max(0.0, now - info.modified)
         kind = _kind(info.key)
         stale = kind in (*LEASE_KINDS, "gc", "canary") and age > ttl
@@ -171,7 +172,7 @@ class Epoch:
 def read_epoch(backend: Backend) -> tuple[Epoch, str | None]:
     """The current epoch and its version (None when no gc ever ran)."""
     try:
-        result = backend.get(EPOCH)
+        result = backend.get_small(EPOCH, MAX_REF_BYTES)
     except ObjectNotFoundError:
         return Epoch(0, False), None
     obj = _unpack(result.data, "gc epoch")
@@ -224,7 +225,7 @@ def gc_lock(backend: Backend, owner: str, *, ttl: float) -> Iterator[bool]:
         backend.put(GC_LOCK, payload, mode=CREATE)
     except AlreadyExistsError:
         try:
-            current = backend.get(GC_LOCK)
+            current = backend.get_small(GC_LOCK, MAX_REF_BYTES)
         except ObjectNotFoundError:
             yield False
             return

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from ckptstore.dtypes import KIND_TORCH, KINDS, TORCH_DTYPE_SIZES
+from ckptstore.chunkblob import HEADER_SIZE
+from ckptstore.dtypes import KIND_NUMPY_SCALAR, KIND_TORCH, KINDS, TORCH_DTYPE_SIZES, numpy_itemsize
 from ckptstore.errors import FormatError, UnsupportedFormatError
 from ckptstore.hashing import algorithms
 from ckptstore.keys import MAX_STEP
@@ -32,22 +34,167 @@ MAX_DIMS = 64
 MAX_CHUNK_BYTES = 1 << 40
 MAX_TENSOR_BYTES = 1 << 50
 MAX_TIMESTAMP = 10**11
+# Decoding caps (docs/FORMAT.md, "Reader validation"). msgpack spends at least one byte per
+# object, but one byte can become a 56-232 byte Python object (an empty list or a dict), so
+# counts are capped per field before the objects exist, not after.
+MAX_CHUNKS = MAX_TENSORS
+MAX_SEGMENTS = 1 << 22          # per tensor: 4M segments of 16 MiB chunks is 64 TiB
+MAX_LOGICAL_BYTES = 1 << 50     # sum of all tensors' bytes in one manifest
+MAX_FREEFORM_ITEMS = 1 << 20    # containers + their items in `metadata` (and in unknown fields)
+MAX_PLACEMENT_ITEMS = 4 * MAX_DIMS + 64
+MAX_MAP_ITEMS = MAX_FREEFORM_ITEMS
+MAX_FIELDS = 64                 # top-level fields of a manifest, ref or marker
 
 
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def _unpack_map(data: bytes, what: str, limit: int) -> dict[str, Any]:
+class _ItemBudget:
+    """msgpack list/map hooks that count containers and their items against a limit.
+
+    The hooks run as each container is completed, so at most one container past the limit
+    (itself capped by the Unpacker's max_array_len / max_map_len) exists before we stop.
+    """
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.what = ""
+
+    def allow(self, items: int, what: str) -> None:
+        self.left, self.what = items, what
+
+    def _spend(self, container: Any) -> Any:
+        self.left -= 1 + len(container)
+        if self.left < 0:
+            raise FormatError(f"{self.what} holds more nested values than this reader allows")
+        return container
+
+
+def _unpacker(size: int, budget: _ItemBudget) -> msgpack.Unpacker:
+    """An Unpacker whose every length is capped, for `size` bytes of input.
+
+    Array lengths are capped by the input size only (each entry takes a byte): the arrays
+    that may be long are read entry by entry, with their own limits, by _unpack_array.
+    """
+    size = max(size, 1)
+    return msgpack.Unpacker(
+        raw=False, strict_map_key=False, use_list=True, max_buffer_size=size,
+        max_str_len=size, max_bin_len=size, max_ext_len=size,
+        max_array_len=size, max_map_len=min(size, MAX_MAP_ITEMS),
+        list_hook=budget._spend, object_hook=budget._spend,
+    )
+
+
+# Reads one entry of an array field from the stream, within the budget.
+EntryReader = Callable[[msgpack.Unpacker, _ItemBudget, str], Any]
+
+
+def _unpack_map(data: bytes, what: str, limit: int, version: int, *,
+                arrays: dict[str, tuple[int, EntryReader]] | None = None) -> dict[str, Any]:
+    """Decode a top-level msgpack map with capped lengths and nesting budgets.
+
+    `arrays` names fields that are arrays of many entries: name -> (max entries, reader).
+    All other fields share MAX_FREEFORM_ITEMS. A `v` other than `version` is an
+    UnsupportedFormatError as soon as it is read (writers put `v` first), so a newer
+    layout is reported as newer, not as malformed.
+    """
     if len(data) > limit:
         raise FormatError(f"{what} is {len(data)} bytes, over the {limit}-byte limit")
+    arrays = arrays or {}
+    budget = _ItemBudget()
+    unpacker = _unpacker(len(data), budget)
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        unpacker.feed(data)
+        try:
+            count = unpacker.read_map_header()
+        except ValueError:
+            raise FormatError(f"corrupt {what}: top level is not a map") from None
+        if count > MAX_FIELDS:
+            raise FormatError(f"corrupt {what}: {count} fields")
+        obj: dict[str, Any] = {}
+        freeform_left = MAX_FREEFORM_ITEMS  # shared by all free-form fields
+        for _ in range(count):
+            budget.allow(0, what)
+            name = unpacker.unpack()
+            if not isinstance(name, str) or name in obj:
+                raise FormatError(f"corrupt {what}: field name {name!r} is not a new string")
+            if name in arrays:
+                obj[name] = _unpack_array(unpacker, budget, f"{what} field {name!r}", *arrays[name])
+            else:
+                budget.allow(freeform_left, f"{what} field {name!r}")
+                obj[name] = unpacker.unpack()
+                freeform_left = budget.left
+            if name == "v":
+                _check_version(obj, version, what)
+        if unpacker.tell() != len(data):
+            raise FormatError(f"corrupt {what}: {len(data) - unpacker.tell()} bytes after the map")
+    except FormatError:
+        raise
+    except msgpack.OutOfData:
+        raise FormatError(f"corrupt {what}: truncated") from None
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         raise FormatError(f"corrupt {what}: {exc}") from exc
-    if not isinstance(obj, dict):
-        raise FormatError(f"corrupt {what}: top level is {type(obj).__name__}, not a map")
+    _check_version(obj, version, what)
     return obj
+
+
+def _unpack_array(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: str, max_entries: int,
+                  read_entry: EntryReader) -> Any:
+    """An array of entries, its length checked before any entry is decoded."""
+    try:
+        count = unpacker.read_array_header()
+    except ValueError as exc:
+        if "Unexpected type" not in str(exc):
+            raise
+        # Not an array: kept (small) for the type check after the version check.
+        budget.allow(MAX_PLACEMENT_ITEMS, what)
+        return unpacker.unpack()
+    if count > max_entries:
+        raise FormatError(f"{what}: {count} entries is over the limit of {max_entries}")
+    return [read_entry(unpacker, budget, what) for _ in range(count)]
+
+
+def _small_value(items: int) -> EntryReader:
+    """Reader of one value holding at most `items` containers and items."""
+
+    def read(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: str) -> Any:
+        budget.allow(items, what)
+        return unpacker.unpack()
+
+    return read
+
+
+def _read_tensor_entry(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: str) -> Any:
+    """[kind, dtype, shape, segments, placement], each part within its own budget, so no
+    part (a placement, say) can spend what the segments of a huge tensor are allowed.
+    Hot path (once per tensor): budgets are set per part, not per value."""
+    try:
+        count = unpacker.read_array_header()
+    except ValueError as exc:
+        if "Unexpected type" not in str(exc):
+            raise
+        budget.allow(MAX_PLACEMENT_ITEMS, what)
+        return unpacker.unpack()
+    if count != 5:
+        raise FormatError(f"{what}: {count} fields, not 5")
+    unpack = unpacker.unpack
+    budget.allow(1 + MAX_DIMS, what)  # kind, dtype, shape: only the shape is a container
+    kind, dtype, shape = unpack(), unpack(), unpack()
+    try:
+        n = unpacker.read_array_header()
+    except ValueError as exc:
+        if "Unexpected type" not in str(exc):
+            raise
+        budget.allow(MAX_PLACEMENT_ITEMS, what)
+        segments = unpack()
+    else:
+        if n > MAX_SEGMENTS:
+            raise FormatError(f"{what}: {n} segments is over the limit of {MAX_SEGMENTS}")
+        budget.allow(4 * n, what)  # n arrays of 3 ints
+        segments = [unpack() for _ in range(n)]
+    budget.allow(MAX_PLACEMENT_ITEMS, what)
+    return [kind, dtype, shape, segments, unpack()]
 
 
 def _field(obj: dict[str, Any], name: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -95,10 +242,9 @@ def encode_marker(marker: Marker) -> bytes:
 
 def decode_marker(data: bytes) -> Marker:
     what = "CKPTSTORE marker"
-    obj = _unpack_map(data, what, MAX_REF_BYTES)
+    obj = _unpack_map(data, what, MAX_REF_BYTES, FORMAT_VERSION)
     if obj.get("format") != MARKER_MAGIC:
         raise FormatError(f"{what}: not a ckptstore marker")
-    _check_version(obj, FORMAT_VERSION, what)
     algorithm = _field(obj, "hash", str, what)
     if algorithm not in algorithms():
         raise UnsupportedFormatError(f"{what}: hash algorithm {algorithm!r} unknown; known: {algorithms()}")
@@ -127,8 +273,7 @@ def encode_ref(ref: Ref) -> bytes:
 
 def decode_ref(data: bytes) -> Ref:
     what = "ref"
-    obj = _unpack_map(data, what, MAX_REF_BYTES)
-    _check_version(obj, REF_VERSION, what)
+    obj = _unpack_map(data, what, MAX_REF_BYTES, REF_VERSION)
     replaces = obj.get("replaces")
     if replaces is not None and not isinstance(replaces, str):
         raise FormatError("ref: field 'replaces' is not a string")
@@ -221,8 +366,10 @@ def _int_in(value: Any, low: int, high: int, what: str) -> int:
 def decode_manifest(data: bytes) -> Manifest:
     """Decode and validate a manifest; every reference and size is checked before use."""
     what = "manifest"
-    obj = _unpack_map(data, what, MAX_MANIFEST_BYTES)
-    _check_version(obj, MANIFEST_VERSION, what)
+    obj = _unpack_map(data, what, MAX_MANIFEST_BYTES, MANIFEST_VERSION, arrays={
+        "tensors": (MAX_TENSORS, _read_tensor_entry),
+        "chunks": (MAX_CHUNKS, _small_value(4)),
+    })
     raw_chunks = _field(obj, "chunks", list, what)
     chunks = []
     for i, item in enumerate(raw_chunks):
@@ -230,12 +377,21 @@ def decode_manifest(data: bytes) -> Manifest:
             raise FormatError(f"{what}: chunk entry {i} malformed")
         if not 8 <= len(item[0]) <= 64:
             raise FormatError(f"{what}: chunk entry {i} has a {len(item[0])}-byte digest")
-        chunks.append(ChunkEntry(item[0].hex(), _int_in(item[1], 0, MAX_CHUNK_BYTES, what),
-                                 _int_in(item[2], 0, MAX_CHUNK_BYTES, what)))
+        raw_size = _int_in(item[1], 0, MAX_CHUNK_BYTES, what)
+        # A blob is its header plus at most the raw bytes (zstd output is kept only if smaller).
+        stored_size = _int_in(item[2], HEADER_SIZE, HEADER_SIZE + raw_size, f"{what} chunk entry {i} stored size")
+        chunks.append(ChunkEntry(item[0].hex(), raw_size, stored_size))
     raw_tensors = _field(obj, "tensors", list, what)
     if len(raw_tensors) > MAX_TENSORS:
         raise FormatError(f"{what}: {len(raw_tensors)} tensors is over the limit")
-    tensors = [_decode_tensor(i, item, chunks) for i, item in enumerate(raw_tensors)]
+    tensors = []
+    logical = 0
+    for i, item in enumerate(raw_tensors):
+        tensors.append(_decode_tensor(i, item, chunks))
+        # What load allocates: bound the total, not only each tensor.
+        logical += tensors[-1].nbytes
+        if logical > MAX_LOGICAL_BYTES:
+            raise FormatError(f"{what}: tensors hold over {MAX_LOGICAL_BYTES} bytes in total")
     return Manifest(
         step=_int_in(obj.get("step"), 0, MAX_STEP, what),
         created=_time(obj, "created", what),
@@ -258,7 +414,14 @@ def _decode_tensor(i: int, item: Any, chunks: list[ChunkEntry]) -> TensorEntry:
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise FormatError(f"{what}: malformed shape")
     dims = tuple(_int_in(d, 0, MAX_TENSOR_BYTES, what) for d in shape)
-    if not isinstance(segments, list):
+    # Every element takes at least one byte (numpy "S0"-like dtypes aside): a shape with more
+    # elements than the byte limit cannot be real, whatever the dtype.
+    elements = math.prod(dims)
+    if elements > MAX_TENSOR_BYTES:
+        raise FormatError(f"{what}: shape {list(dims)[:8]} has {elements} elements, over the limit")
+    if kind == KIND_NUMPY_SCALAR and dims:
+        raise FormatError(f"{what}: a numpy scalar has shape [], not {list(dims)[:8]}")
+    if not isinstance(segments, list) or len(segments) > MAX_SEGMENTS:
         raise FormatError(f"{what}: malformed segments")
     checked = []
     total = 0
@@ -274,8 +437,10 @@ def _decode_tensor(i: int, item: Any, chunks: list[ChunkEntry]) -> TensorEntry:
         total += length
     if total > MAX_TENSOR_BYTES:
         raise FormatError(f"{what}: {total} bytes is over the {MAX_TENSOR_BYTES}-byte limit per tensor")
-    if kind == KIND_TORCH:
-        expected = math.prod(dims) * TORCH_DTYPE_SIZES[dtype]
+    itemsize = TORCH_DTYPE_SIZES[dtype] if kind == KIND_TORCH else numpy_itemsize(dtype)
+    # numpy dtypes outside the allowlist have no itemsize here; load refuses them.
+    if itemsize is not None:
+        expected = elements * itemsize
         if total != expected:
             raise FormatError(f"{what}: segments hold {total} bytes, shape {list(dims)} of {dtype} needs {expected}")
     if placement is not None and not isinstance(placement, dict):

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +42,7 @@ from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
 from ckptstore.leases import DEFAULT_TTL, Epoch, Lease, LockInfo, list_locks, read_epoch, wait_for_gc
 from ckptstore.manifest import (
     MAX_MANIFEST_BYTES,
+    MAX_REF_BYTES,
     ChunkEntry,
     Manifest,
     Marker,
@@ -129,13 +131,17 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    _async_saver: Any = None  # ckptstore.async_save.AsyncSaver, created by the first save_async
+
     def close(self) -> None:
-        """Release the backend's connections."""
+        """Wait for async saves in flight, then release the backend's connections."""
+        if self._async_saver is not None:
+            self._async_saver.close()
         self.backend.close()
 
     def _open_marker(self, create: bool, hash_algorithm: str) -> Marker:
         try:
-            return decode_marker(self.backend.get(keys.MARKER).data)
+            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
         except ObjectNotFoundError:
             if not create:
                 raise StoreNotFoundError(
@@ -148,11 +154,11 @@ class Store:
             self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
             return marker
         except AlreadyExistsError:  # another process created the store first: use theirs
-            return decode_marker(self.backend.get(keys.MARKER).data)
+            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
-             keep_last: int | None = None, keep_every: int | None = None) -> SaveInfo:
+             keep_last: int | None = None, keep_every: int | None = None, process_group: Any = None) -> SaveInfo:
         """Save `state` as `step` and commit it atomically.
 
         After a successful commit, retention deletes the refs of steps that are neither among
@@ -160,17 +166,22 @@ class Store:
         Raises StepExistsError if the step exists and not `overwrite` (nothing is touched),
         CommitConflictError if another writer replaced it concurrently, and
         UnsupportedValueError (naming the path) for state the format cannot hold.
+
+        With a torch.distributed process group of several ranks (`process_group`, default: the
+        default group when one is initialised) every rank must call save with its own state;
+        rank 0 commits the union and every rank returns or raises the same (ckptstore/distributed.py;
+        `process_group=ckptstore.distributed.SINGLE_PROCESS` saves from this process alone).
         """
+        from ckptstore.distributed import resolve_group, save_across_ranks
+
+        group = resolve_group(process_group)
+        if group is not None:
+            return save_across_ranks(
+                self, group, step, state, overwrite=overwrite, metadata=metadata, keep_last=keep_last,
+                keep_every=keep_every, check_arguments=lambda: self._check_save_arguments(step, metadata, keep_last,
+                                                                                         keep_every))
         started = time.perf_counter()
-        keys.check_step(step)
-        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        ensure_conditional_writes(self.backend)
-        try:
-            msgpack.packb(metadata, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise UnsupportedValueError("metadata", f"must be plain msgpack values: {exc}") from exc
+        self._check_save_arguments(step, metadata, keep_last, keep_every)
         # The epoch is read before the lease exists: a gc that lists leases before our lease
         # appears must have bumped the epoch after this read, and we see that at commit.
         epoch_at_start, _ = read_epoch(self.backend)
@@ -180,6 +191,32 @@ class Store:
             deleted = self.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
             info = replace(info, retention_deleted=tuple(deleted))
         return info
+
+    def save_async(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
+                   keep_last: int | None = None, keep_every: int | None = None,
+                   process_group: Any = None) -> Future[SaveInfo]:
+        """Stage a snapshot of `state` in CPU memory and return; save and commit it in the background.
+
+        The Future gives the SaveInfo, or raises what `save` would have raised (the previous
+        step stays the latest). At most one save runs at a time; a second call waits for the
+        first. Staging buffers are reused between saves. See ckptstore/async_save.py.
+        """
+        from ckptstore.async_save import saver_for
+
+        return saver_for(self).submit(step, state, overwrite=overwrite, metadata=metadata, keep_last=keep_last,
+                                      keep_every=keep_every, process_group=process_group)
+
+    def _check_save_arguments(self, step: int, metadata: Any, keep_last: int | None,
+                              keep_every: int | None) -> None:
+        keys.check_step(step)
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        ensure_conditional_writes(self.backend)
+        try:
+            msgpack.packb(metadata, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedValueError("metadata", f"must be plain msgpack values: {exc}") from exc
 
     def _save_leased(self, step: int, state: Any, overwrite: bool, metadata: Any, epoch_at_start: Epoch,
                      started: float) -> SaveInfo:
@@ -195,7 +232,8 @@ class Store:
 
         tree = encode_tree(state, on_tensor)
         plan = plan_chunks([s.data.nbytes for s in sources], self.chunking)
-        writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads)
+        writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads,
+                             elements=[s.element for s in sources])
         written = writer.write(plan, [s.data for s in sources])
 
         # One table entry per distinct chunk; planned slots map onto it.

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ckptstore.chunkblob import BYTES, ElementType
 from ckptstore.dtypes import (
     KIND_NUMPY,
     KIND_NUMPY_SCALAR,
@@ -34,6 +35,7 @@ class SourceTensor:
     shape: tuple[int, ...]
     data: memoryview  # flat, C-contiguous bytes; keeps the (maybe copied) storage alive
     keepalive: Any
+    element: ElementType = BYTES  # what compression may assume about the bytes
 
 
 def _as_bytes(flat_uint8_array: Any) -> memoryview:
@@ -85,7 +87,11 @@ def _describe_torch(tensor: Any, path: str) -> SourceTensor:
     plain = plain.to("cpu")
     shape = tuple(plain.shape)
     flat = _flat_bytes(plain)
-    return SourceTensor(KIND_TORCH, name, shape, _as_bytes(flat.numpy()), flat)
+    # Sub-byte and float8 dtypes are bytes to the shuffle (element size 1); ints and bool
+    # always compress.
+    integer = not (plain.dtype.is_floating_point or plain.dtype.is_complex)
+    element = ElementType(plain.element_size(), integer)
+    return SourceTensor(KIND_TORCH, name, shape, _as_bytes(flat.numpy()), flat, element)
 
 
 def _flat_bytes(tensor: Any) -> Any:
@@ -117,7 +123,9 @@ def _describe_numpy(value: Any, path: str) -> SourceTensor:
     if not numpy_dtype_allowed(array.dtype.str):
         raise UnsupportedValueError(path, f"numpy dtype {array.dtype} ({array.dtype.str}) is not supported: "
                                     f"objects, records and unit multiples cannot be stored")
-    return SourceTensor(kind, array.dtype.str, tuple(array.shape), _as_bytes(array.reshape(-1).view(np.uint8)), array)
+    element = ElementType(array.dtype.itemsize, array.dtype.kind in "biu")
+    return SourceTensor(kind, array.dtype.str, tuple(array.shape), _as_bytes(array.reshape(-1).view(np.uint8)), array,
+                        element)
 
 
 @dataclass

@@ -27,6 +27,10 @@ MAX_DEPTH = 256
 # Each tuple level is decoded by a nested msgpack.unpackb call, which recurses on the C
 # stack: ~195 levels crash the interpreter. Far fewer are ever needed.
 MAX_TUPLE_DEPTH = 32
+# Containers plus their items in one decoded tree. A byte of msgpack can become a 56-232 byte
+# Python object, so a hostile tree is stopped by count while it is decoded (about 6 per
+# tensor at the manifest's 10M-tensor limit).
+MAX_TREE_ITEMS = 1 << 26
 _INDEX = struct.Struct(">I")
 
 
@@ -100,7 +104,20 @@ def _check_utf8(text: str, path: tuple[Any, ...]) -> None:
                                     f"store it as bytes (os.fsencode)") from None
 
 
-def _unpack(data: bytes, tuple_depth: int = 0) -> Any:
+class _Budget:
+    """Counts decoded containers and items (msgpack hooks run as each container completes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, container: Any) -> Any:
+        self.left -= 1 + len(container)
+        if self.left < 0:
+            raise FormatError(f"state tree holds more than {MAX_TREE_ITEMS} values")
+        return container
+
+
+def _unpack(data: bytes, budget: _Budget, tuple_depth: int = 0) -> Any:
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_TENSOR:
             if len(payload) != _INDEX.size:
@@ -109,19 +126,32 @@ def _unpack(data: bytes, tuple_depth: int = 0) -> Any:
         if code == EXT_TUPLE:
             if tuple_depth >= MAX_TUPLE_DEPTH:
                 raise FormatError(f"state tree nests tuples deeper than {MAX_TUPLE_DEPTH}")
-            items = _unpack(payload, tuple_depth + 1)
+            items = _unpack(payload, budget, tuple_depth + 1)
             if not isinstance(items, list):
                 raise FormatError("tuple node does not hold an array")
             return tuple(items)
         raise FormatError(f"unknown ext type {code} in state tree")
 
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True)
+    size = max(len(data), 1)
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True, max_buffer_size=size,
+        max_str_len=size, max_bin_len=size, max_ext_len=size, max_array_len=size, max_map_len=size,
+        list_hook=budget.spend, object_hook=budget.spend,
+    )
+    unpacker.feed(data)
+    try:
+        value = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise FormatError("corrupt state tree: truncated") from None
+    if unpacker.tell() != len(data):
+        raise FormatError("corrupt state tree: extra bytes after the tree")
+    return value
 
 
 def decode_tree(data: bytes) -> Any:
     """Unpack a tree; tensors come back as TensorRef placeholders. Raises FormatError."""
     try:
-        tree = _unpack(data)
+        tree = _unpack(data, _Budget(MAX_TREE_ITEMS))
     except FormatError:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:

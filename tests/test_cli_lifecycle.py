@@ -128,7 +128,7 @@ def test_cp_creates_the_destination_with_the_source_hash(tmp_path: Path, capsys:
 def test_export_and_import(store_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "w.safetensors"
     code, report = run(capsys, "export", store_path, "latest", str(out))
-    assert code == EXIT_OK and report == {"step": 300, "files": [str(out)]}
+    assert code == EXIT_OK and report == {"step": 300, "format": "safetensors", "files": [str(out)]}
     assert torch.equal(load_file(out)["m"], torch.full((600,), 2.0))
 
     shards = tmp_path / "shards"

@@ -11,7 +11,7 @@ import torch
 
 import ckptstore
 from ckptstore import keys
-from ckptstore.backends.base import Backend, Buffer, GetResult, PutMode
+from ckptstore.backends.base import Backend, Buffer, PutMode
 from ckptstore.backends.memory import MemoryBackend
 from ckptstore.commit import commit_ref, read_ref
 from ckptstore.manifest import Ref, encode_ref
@@ -205,9 +205,9 @@ def test_concurrent_replace_between_read_and_put_is_a_conflict(store_url: str) -
     intruder = _ref(1)
 
     class Interleaved(ApplyThenFail):
-        def get(self, k: str) -> GetResult:
-            result = self.inner.get(k)
-            if self.armed and k == key:  # someone else commits right after our read
+        def get_range(self, k: str, start: int, length: int) -> bytes:
+            result = self.inner.get_range(k, start, length)
+            if self.armed and k == key:  # someone else commits right after our read (head + bounded get)
                 self.armed = False
                 current = read_ref(self.inner, key)
                 assert current is not None

@@ -24,10 +24,13 @@ import ckptstore
 from ckptstore.chunkblob import (
     CODEC_NONE,
     CODEC_ZSTD,
+    FILTER_SHUFFLE,
     HEADER_SIZE,
     ChunkHeader,
     Compression,
+    ElementType,
     decode_chunk,
+    decode_chunk_into,
     decode_header,
     encode_chunk,
 )
@@ -183,6 +186,33 @@ def test_chunk_zstd_vector():
     assert bytes(decode_chunk(again, expected_raw_length=4096)) == bytes(4096)
 
 
+CHUNK_SHUFFLE_HEADER = bytes.fromhex(
+    "434b4342" "01" "01" "01" "04" "0010000000000000"  # CKCB v1 zstd, filter 1 (shuffle), element size 4, raw 4096
+)
+CHUNK_SHUFFLE_RAW = b"".join(i.to_bytes(4, "little") for i in range(1024))
+CHUNK_SHUFFLE_DIGEST = "3500df96edea0c9d0d5d488b703177a37b39f880f81c76729ed847e2f3292f1f"
+
+
+def test_chunk_shuffle_vector():
+    blob = _read("chunk-shuffle.blob")
+    assert blob[:16] == CHUNK_SHUFFLE_HEADER
+    assert blob[HEADER_SIZE:HEADER_SIZE + 4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
+    header = decode_header(blob)
+    assert header == ChunkHeader(codec=CODEC_ZSTD, filter=FILTER_SHUFFLE, raw_length=4096,
+                                 payload_length=len(blob) - HEADER_SIZE, element_size=4)
+    raw = decode_chunk(blob, expected_raw_length=4096)
+    assert bytes(raw) == CHUNK_SHUFFLE_RAW
+    assert blake3_hex(raw) == CHUNK_SHUFFLE_DIGEST
+    target = bytearray(4096)
+    decode_chunk_into(blob, memoryview(target))
+    assert bytes(target) == CHUNK_SHUFFLE_RAW
+    # The zstd bytes may differ with the libzstd version; the header fields and payload may not.
+    again = b"".join(bytes(p) for p in encode_chunk(memoryview(CHUNK_SHUFFLE_RAW), Compression("zstd", level=1),
+                                                    ElementType(4, integer=True)))
+    assert again[:16] == CHUNK_SHUFFLE_HEADER
+    assert bytes(decode_chunk(again, expected_raw_length=4096)) == CHUNK_SHUFFLE_RAW
+
+
 # ---------------------------------------------------------------------------------------
 # CKPTSTORE marker and ref
 # ---------------------------------------------------------------------------------------
@@ -335,7 +365,8 @@ def test_make_golden_reproduces_the_golden_bytes(tmp_path: Path, monkeypatch: py
     assert produced == expected
     for name in sorted(expected):
         ours, golden = (tmp_path / name).read_bytes(), (GOLDEN / name).read_bytes()
-        if name == "chunk-zstd.blob":
+        if name in ("chunk-zstd.blob", "chunk-shuffle.blob"):
+            assert ours[:16] == golden[:16]
             assert decode_chunk(ours, expected_raw_length=4096) == decode_chunk(golden, expected_raw_length=4096)
         else:
             assert ours == golden, f"{name} differs from the golden vector"

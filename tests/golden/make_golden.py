@@ -32,7 +32,7 @@ import torch
 import ckptstore
 import ckptstore.manifest
 import ckptstore.store
-from ckptstore.chunkblob import Compression, encode_chunk
+from ckptstore.chunkblob import Compression, ElementType, encode_chunk
 from ckptstore.chunking import ChunkingPolicy
 from ckptstore.manifest import Marker, Ref, encode_marker, encode_ref
 
@@ -42,6 +42,10 @@ HERE = Path(__file__).resolve().parent
 CHUNK_NONE_RAW = bytes(range(32))
 CHUNK_ZSTD_RAW = bytes(4096)
 CHUNK_ZSTD_LEVEL = 3
+# Byte shuffle (filter 1) by element size 4: uint32 0..1023, little-endian.
+CHUNK_SHUFFLE_RAW = np.arange(1024, dtype="<u4").tobytes()
+CHUNK_SHUFFLE_ELEMENT = ElementType(size=4, integer=True)
+CHUNK_SHUFFLE_LEVEL = 1
 
 MARKER = Marker(hash_algorithm="blake3", created=1700000000.0)
 
@@ -113,6 +117,9 @@ def generate(out: Path) -> None:
     _write(out / "chunk-none.blob", encode_chunk(memoryview(CHUNK_NONE_RAW), Compression("none")))
     _write(out / "chunk-zstd.blob",
            encode_chunk(memoryview(CHUNK_ZSTD_RAW), Compression("zstd", level=CHUNK_ZSTD_LEVEL)))
+    _write(out / "chunk-shuffle.blob", encode_chunk(memoryview(CHUNK_SHUFFLE_RAW),
+                                                    Compression("zstd", level=CHUNK_SHUFFLE_LEVEL),
+                                                    CHUNK_SHUFFLE_ELEMENT))
     (out / "marker.msgpack").write_bytes(encode_marker(MARKER))
     (out / "ref.msgpack").write_bytes(encode_ref(REF))
 

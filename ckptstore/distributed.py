@@ -1,0 +1,471 @@
+"""One step saved by many ranks through the plain API: `store.save(step, state)` on every rank.
+
+Used by `Store.save` when a torch.distributed process group is initialised (or passed as
+`process_group=`) and has more than one rank. This docstring is the user's guide.
+
+What each rank passes: its own state. The committed state is the union of every rank's tree:
+dicts are merged key by key; anything else (a tensor, a scalar, a list, ...) is a *leaf*. A
+leaf held by one rank is written by that rank. A leaf held by several ranks is *replicated*:
+it must be identical on all of them (same structure and values; tensors of the same dtype,
+shape and bytes), and only the lowest rank holding it writes it; the others hash their copy
+to prove it is the same. Anything else raises StateConflictError naming the path and the
+ranks, on every rank, and commits nothing. `step` must be the same on every rank;
+`overwrite`, `metadata`, `keep_last` and `keep_every` are taken from rank 0 only.
+
+The protocol (group rank 0 coordinates; every collective carries either data or an error,
+so every rank leaves each phase together):
+1. all-gather: each rank's step and state skeleton (the tree with tensors replaced by
+   numbered references) and tensor descriptions. Every rank merges them the same way, so a
+   conflict raises the same error everywhere before anything is written.
+2. each rank, under its own save lease taken after reading the gc epoch (as Store.save):
+   writes the chunks of the leaves it owns, re-uploads any a concurrent gc swept
+   (`settle_chunks`), and hashes its replicated tensors; gather to rank 0.
+3. rank 0 merges the partial manifests, writes the manifest, checks for gc once more
+   (`settle_manifest`), commits with `commit_ref` (overwrite decided there, once) and applies
+   retention; broadcast of the SaveInfo or the error. Every rank holds its lease until the
+   broadcast, i.e. until after the commit.
+
+Loading afterwards: `store.load(step)` on any rank returns the whole committed union (every
+rank's leaves, replicated ones once); `store.load(step, into=own_state)` fills the tensors of
+this rank's own state in place and returns the union with them. Once save has returned on a
+rank the commit is visible to it, so `load()` of the latest step works on every rank.
+
+Every rank of the group must call save: a default group makes `Store.save` distributed, so a
+trainer that saves from rank 0 alone passes `process_group=SINGLE_PROCESS`. A rank that dies
+or stops answering makes the collectives of the others fail (gloo: at once when its sockets
+close, otherwise after the process group's timeout, so choose that timeout with
+`init_process_group(timeout=...)`); they raise DistributedSaveError and nothing is committed
+unless rank 0 had already committed (its message then says so). The dead rank's save lease
+stays until it goes stale (the store's lease TTL); gc stands down until then.
+
+The chunk and manifest settling and the chunk table are shared with ckptstore.dcp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore import keys
+from ckptstore.backends.base import CREATE
+from ckptstore.canary import ensure_conditional_writes
+from ckptstore.chunking import ChunkPlan, plan_chunks
+from ckptstore.chunkio import ChunkWriter, WrittenChunk, bounded_map, restore_missing
+from ckptstore.commit import commit_ref
+from ckptstore.errors import (
+    AlreadyExistsError,
+    CkptStoreError,
+    DistributedSaveError,
+    IntegrityError,
+    StateConflictError,
+)
+from ckptstore.leases import Epoch, Lease, read_epoch, wait_for_gc
+from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
+from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
+
+__all__ = ["SINGLE_PROCESS", "DistributedSaveError", "StateConflictError", "resolve_group"]
+
+
+class _SingleProcess:
+    def __repr__(self) -> str:
+        return "ckptstore.distributed.SINGLE_PROCESS"
+
+
+#: `Store.save(..., process_group=SINGLE_PROCESS)`: save from this process alone even when a
+#: default process group is initialised (e.g. a trainer that saves only on rank 0).
+SINGLE_PROCESS: Any = _SingleProcess()
+
+
+def resolve_group(process_group: Any) -> Any:
+    """The process group a save runs across, or None for a single-process save.
+
+    None means the default group when one is initialised; a group of one rank, or
+    SINGLE_PROCESS, is a single-process save.
+    """
+    if process_group is SINGLE_PROCESS:
+        return None
+    dist = sys.modules.get("torch.distributed")  # never imports torch: no torch, no group
+    if process_group is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        process_group = dist.group.WORLD
+    elif dist is None:
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {process_group!r}")
+    if dist.get_rank(process_group) < 0:
+        raise ValueError("this process is not a member of the process_group passed to save")
+    return process_group if dist.get_world_size(process_group) > 1 else None
+
+
+# -- shared with ckptstore.dcp: settling with gc, the chunk table ----------------------------
+def settle_chunks(store: Any, epoch_at_start: Epoch, writer: ChunkWriter, plan: ChunkPlan,
+                  written: list[WrittenChunk], sources: list[memoryview]) -> None:
+    """If a gc may have swept since `epoch_at_start`, wait for it and re-upload any chunk of
+    `plan` it deleted (each rank does this for its own chunks before handing them over)."""
+    if not read_epoch(store.backend)[0].swept_since(epoch_at_start):
+        return
+    wait_for_gc(store.backend, ttl=store.lease_ttl)
+    restore_missing(writer, plan, written, sources)
+
+
+def settle_manifest(store: Any, epoch_at_start: Epoch, step: int, chunks: list[ChunkEntry] | tuple[ChunkEntry, ...],
+                    manifest_key: str, encoded: bytes) -> None:
+    """On the coordinator before the commit: if a gc may have swept since `epoch_at_start`,
+    wait for it, put the manifest back if needed and check that every chunk is there. Each
+    rank already re-uploaded what a sweep took from it; a chunk missing now cannot be put back
+    here (only its rank had the bytes): IntegrityError, nothing is committed."""
+    backend = store.backend
+    if not read_epoch(backend)[0].swept_since(epoch_at_start):
+        return
+    wait_for_gc(backend, ttl=store.lease_ttl)
+    if not backend.exists(manifest_key):
+        with contextlib.suppress(AlreadyExistsError):
+            backend.put(manifest_key, encoded, mode=CREATE)
+    present = bounded_map(lambda c: backend.exists(keys.chunk_key(c.digest)), chunks, store.threads)
+    missing = [c.digest for c, ok in zip(chunks, present, strict=True) if not ok]
+    if missing:
+        raise IntegrityError(f"step {step}: {len(missing)} chunk(s) (e.g. {keys.chunk_key(missing[0])}) "
+                             f"vanished during the save (a gc swept); nothing was committed, save again")
+
+
+def plain_segments(plan: ChunkPlan, written: list[WrittenChunk]) -> list[list[list[Any]]]:
+    """Per planned source: its segments as plain data a collective can carry,
+    [[chunk digest, offset in chunk, length, chunk raw size, chunk stored size], ...]."""
+    out = []
+    for segments in plan.segments:
+        out.append([[written[slot].entry.digest, offset, length, written[slot].entry.raw_size,
+                     written[slot].entry.stored_size] for slot, offset, length in segments])
+    return out
+
+
+@dataclass
+class ChunkTable:
+    """The manifest's chunk list, built from plain segments of many ranks (each chunk once)."""
+
+    chunks: list[ChunkEntry] = field(default_factory=list)
+    _index: dict[str, int] = field(default_factory=dict)
+
+    def segments(self, plain: list[list[Any]]) -> tuple[tuple[int, int, int], ...]:
+        """`plain_segments` of one source as manifest segments (chunk index, offset, length)."""
+        out = []
+        for digest, offset, length, raw_size, stored_size in plain:
+            if digest not in self._index:
+                self._index[digest] = len(self.chunks)
+                self.chunks.append(ChunkEntry(digest, raw_size, stored_size))
+            out.append((self._index[digest], offset, length))
+        return tuple(out)
+
+
+def write_manifest_and_commit(store: Any, epoch_at_start: Epoch, manifest: Manifest, *, overwrite: bool,
+                              writer: str) -> tuple[str, Ref]:
+    """The coordinator's last steps: put the manifest, settle with gc, commit the ref.
+    Returns the manifest digest and the committed ref (StepExistsError, CommitConflictError)."""
+    encoded = encode_manifest(manifest)
+    digest = store._hash(encoded)
+    manifest_key = keys.manifest_key(digest)
+    with contextlib.suppress(AlreadyExistsError):  # an identical manifest is already stored
+        store.backend.put(manifest_key, encoded, mode=CREATE)
+    settle_manifest(store, epoch_at_start, manifest.step, manifest.chunks, manifest_key, encoded)
+    ref = Ref(manifest=digest, step=manifest.step, committed=time.time(), writer=writer)
+    return digest, commit_ref(store.backend, keys.step_ref_key(manifest.step), ref, overwrite=overwrite)
+
+
+# -- merging the ranks' trees ----------------------------------------------------------------
+@dataclass(frozen=True)
+class _Described:
+    """What every rank learns about one tensor of another rank."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class MergedState:
+    """The union of the ranks' trees, computed identically on every rank."""
+
+    tree: Any  # TensorRef(i) = the i-th merged tensor
+    owners: list[tuple[int, int]]  # merged tensor -> (rank, local index) of the rank that writes it
+    replicas: dict[int, list[tuple[int, int]]]  # merged tensor -> other ranks' (rank, local index)
+    paths: list[str]  # merged tensor -> its path, for messages
+    described: list[_Described]  # merged tensor -> kind, dtype, shape
+
+
+def _leaf_signature(leaf: Any, described: list[_Described]) -> tuple[bytes, list[_Described]]:
+    """Bytes equal exactly when two leaves hold the same values, plus their tensors in order."""
+    found: list[_Described] = []
+
+    def on_tensor(_path: tuple[Any, ...], value: Any) -> int | None:
+        if not isinstance(value, TensorRef):
+            return None
+        found.append(described[value.index])
+        return 0  # local numbers differ between ranks: compare descriptions instead
+
+    return encode_tree(leaf, on_tensor), found
+
+
+def merge_states(skeletons: list[Any], described: list[list[_Described]]) -> MergedState:
+    """Merge decoded per-rank trees (rank order); StateConflictError names the first conflict."""
+    owners: list[tuple[int, int]] = []
+    replicas: dict[int, list[tuple[int, int]]] = {}
+    paths: list[str] = []
+    kinds: list[_Described] = []
+
+    def refs(node: Any) -> list[TensorRef]:
+        found: list[TensorRef] = []
+
+        def walk(n: Any) -> None:
+            if isinstance(n, TensorRef):
+                found.append(n)
+            elif isinstance(n, dict):
+                for v in n.values():
+                    walk(v)
+            elif isinstance(n, (list, tuple)):
+                for v in n:
+                    walk(v)
+
+        walk(node)
+        return found
+
+    def renumber(node: Any, rank: int, path: tuple[Any, ...]) -> Any:
+        if isinstance(node, TensorRef):
+            owners.append((rank, node.index))
+            paths.append(format_path(path))
+            kinds.append(described[rank][node.index])
+            return TensorRef(len(owners) - 1)
+        if isinstance(node, dict):
+            return {k: renumber(v, rank, (*path, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [renumber(v, rank, (*path, i)) for i, v in enumerate(node)]
+        if isinstance(node, tuple):
+            return tuple(renumber(v, rank, (*path, i)) for i, v in enumerate(node))
+        return node
+
+    def merge(held: list[tuple[int, Any]], path: tuple[Any, ...]) -> Any:
+        dicts = [(rank, node) for rank, node in held if isinstance(node, dict)]
+        if dicts and len(dicts) != len(held):
+            leaf_rank = next(rank for rank, node in held if not isinstance(node, dict))
+            raise StateConflictError(format_path(path), (dicts[0][0], leaf_rank),
+                                     f"a dict on rank {dicts[0][0]}, a leaf on rank {leaf_rank}")
+        if dicts:
+            names: dict[Any, list[tuple[int, Any]]] = {}
+            for rank, node in dicts:
+                for key, value in node.items():
+                    names.setdefault(key, []).append((rank, value))
+            return {key: merge(values, (*path, key)) for key, values in names.items()}
+        owner_rank, owner_leaf = held[0]
+        signature = _leaf_signature(owner_leaf, described[owner_rank])
+        for rank, leaf in held[1:]:
+            if _leaf_signature(leaf, described[rank]) != signature:
+                raise StateConflictError(format_path(path), (owner_rank, rank),
+                                         "different values (or tensor dtypes or shapes)")
+        merged = renumber(owner_leaf, owner_rank, path)
+        first = len(owners) - len(signature[1])
+        for rank, leaf in held[1:]:
+            for offset, ref in enumerate(refs(leaf)):
+                replicas.setdefault(first + offset, []).append((rank, ref.index))
+        return merged
+
+    tree = merge(list(enumerate(skeletons)), ())
+    return MergedState(tree, owners, replicas, paths, kinds)
+
+
+# -- the collectives -----------------------------------------------------------------------
+class _Group:
+    """torch.distributed object collectives on one group; failures become DistributedSaveError."""
+
+    def __init__(self, group: Any, step: int):
+        import torch.distributed as dist
+
+        self.dist, self.group, self.step = dist, group, step
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.root = dist.get_global_rank(group, 0)
+
+    def _failed(self, what: str, exc: BaseException) -> DistributedSaveError:
+        return DistributedSaveError(
+            f"step {self.step}: the {what} between the {self.size} ranks failed on rank {self.rank} "
+            f"({type(exc).__name__}: {str(exc)[:300]}); a rank died or did not answer within the process group's "
+            f"timeout (every rank of the group must call save; to save from one process pass "
+            f"process_group=ckptstore.distributed.SINGLE_PROCESS). Nothing was committed by this save unless "
+            f"another rank reports that it was")
+
+    def all_gather(self, obj: Any, what: str) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        try:
+            self.dist.all_gather_object(out, obj, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed(what, exc) from exc
+        return out
+
+    def gather(self, obj: Any, what: str) -> list[Any] | None:
+        out: list[Any] | None = [None] * self.size if self.rank == 0 else None
+        try:
+            self.dist.gather_object(obj, out, dst=self.root, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed(what, exc) from exc
+        return out
+
+    def broadcast(self, obj: Any, what: str) -> Any:
+        box = [obj]
+        try:
+            self.dist.broadcast_object_list(box, src=self.root, group=self.group)
+        except RuntimeError as exc:
+            if self.rank == 0 and isinstance(obj, _Outcome) and obj.info is not None:
+                raise DistributedSaveError(
+                    f"step {self.step} was committed (manifest {obj.info.manifest}), but telling the other ranks "
+                    f"failed ({type(exc).__name__}: {str(exc)[:300]})") from exc
+            raise self._failed(what, exc) from exc
+        return box[0]
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if another rank can rebuild it, else a CkptStoreError with its text.
+
+    torch's object collectives pickle the exception; rebuilding it from its own reduce
+    tuple is the part that fails for exceptions with custom constructors. (The package
+    never imports pickle itself: tests/test_security.py.)
+    """
+    try:
+        reduced = exc.__reduce__()
+        if not isinstance(reduced, str):  # a str names a global: nothing to rebuild
+            reduced[0](*reduced[1])
+        return exc
+    except Exception:
+        return CkptStoreError(f"{type(exc).__name__}: {exc}")
+
+
+def _first_error(items: list[Any], rank: int, mine: dict[str, Any]) -> Exception | None:
+    """The lowest rank's error; this rank's own exception object (with its traceback) if it is ours."""
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("error") is not None:
+            return mine["local_error"] if index == rank and "local_error" in mine else item["error"]
+    return None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    info: Any = None  # SaveInfo
+    error: Exception | None = None
+
+
+def save_across_ranks(store: Any, group: Any, step: int, state: Any, *, overwrite: bool, metadata: Any,
+                      keep_last: int | None, keep_every: int | None,
+                      check_arguments: Callable[[], None]) -> Any:
+    """Store.save on every rank of `group` (see the module docstring); returns SaveInfo."""
+    from ckptstore.store import SaveInfo, writer_identity
+    from ckptstore.tensors import describe, is_tensor
+
+    started = time.perf_counter()
+    ranks = _Group(group, step)
+    sources: list[Any] = []
+    intro: dict[str, Any] = {"step": step}
+    try:
+        check_arguments()
+
+        def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
+            if not is_tensor(value):
+                return None
+            sources.append(describe(value, format_path(path)))
+            return len(sources) - 1
+
+        intro["tree"] = encode_tree(state, on_tensor)
+        intro["tensors"] = [_Described(s.kind, s.dtype, s.shape) for s in sources]
+    except Exception as exc:
+        intro["error"] = _portable(exc)
+    local = {"local_error": intro["error"]} if "error" in intro else {}
+    intros = ranks.all_gather(intro, "exchange of state trees")
+    error = _first_error(intros, ranks.rank, local)
+    if error is not None:
+        raise error
+    steps = {i["step"] for i in intros}
+    if len(steps) > 1:
+        raise ValueError(f"the ranks passed different steps to save: {[i['step'] for i in intros]}")
+    merged = merge_states([decode_tree(i["tree"]) for i in intros], [i["tensors"] for i in intros])
+
+    # Every rank: epoch first, then the lease, then any chunk check (as Store.save); the lease
+    # is held until the outcome arrives, i.e. after rank 0's commit.
+    partial: dict[str, Any] = {}
+    epoch_at_start: Epoch | None = None
+    with contextlib.ExitStack() as stack:
+        try:
+            ensure_conditional_writes(store.backend)
+            epoch_at_start = read_epoch(store.backend)[0]
+            stack.enter_context(Lease(store.backend, "save", writer_identity(), ttl=store.lease_ttl))
+            partial = _write_own(store, ranks.rank, merged, sources, epoch_at_start)
+        except Exception as exc:
+            partial = {"error": _portable(exc)}
+            local = {"local_error": exc}
+        partials = ranks.gather(partial, "gather of partial manifests")
+        outcome = _Outcome()
+        if partials is not None:  # rank 0
+            try:
+                error = _first_error(partials, ranks.rank, local)
+                if error is not None:
+                    raise error
+                assert epoch_at_start is not None
+                outcome = _Outcome(info=_commit(store, merged, partials, step, epoch_at_start, overwrite, metadata,
+                                                keep_last, keep_every, started, SaveInfo, writer_identity()))
+            except Exception as exc:
+                outcome = _Outcome(error=_portable(exc))
+        outcome = ranks.broadcast(outcome, "broadcast of the outcome")
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.info
+
+
+def _write_own(store: Any, rank: int, merged: MergedState, sources: list[Any], epoch: Epoch) -> dict[str, Any]:
+    """This rank's part: write the chunks of the tensors it owns, hash its replicated ones."""
+    own = [(g, local) for g, (owner, local) in enumerate(merged.owners) if owner == rank]
+    datas = [sources[local].data for _, local in own]
+    plan = plan_chunks([d.nbytes for d in datas], store.chunking)
+    writer = ChunkWriter(store.backend, store._hash, store.compression, store.threads,
+                         elements=[sources[local].element for _, local in own])
+    written = writer.write(plan, datas)
+    settle_chunks(store, epoch, writer, plan, written, datas)
+    segments = dict(zip((g for g, _ in own), plain_segments(plan, written), strict=True))
+    # Replicated tensors: the owner and every replica hash the whole tensor; rank 0 compares.
+    digests: dict[int, str] = {}
+    for g, copies in merged.replicas.items():
+        holders = [merged.owners[g], *copies]
+        for holder_rank, local in holders:
+            if holder_rank == rank:
+                digests[g] = store._hash(sources[local].data)
+    new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
+    return {"segments": segments, "digests": digests, "new": new}
+
+
+def _commit(store: Any, merged: MergedState, partials: list[dict[str, Any]], step: int, epoch: Epoch,
+            overwrite: bool, metadata: Any, keep_last: int | None, keep_every: int | None, started: float,
+            save_info: Any, writer: str) -> Any:
+    """Rank 0: check replicas, build and commit the manifest, apply retention."""
+    for g, copies in merged.replicas.items():
+        owner_rank = merged.owners[g][0]
+        want = partials[owner_rank]["digests"][g]
+        for rank, _ in copies:
+            if partials[rank]["digests"][g] != want:
+                raise StateConflictError(merged.paths[g], (owner_rank, rank), "tensors of different contents")
+    table = ChunkTable()
+    entries = tuple(
+        TensorEntry(d.kind, d.dtype, d.shape, table.segments(partials[rank]["segments"][g]))
+        for g, ((rank, _), d) in enumerate(zip(merged.owners, merged.described, strict=True)))
+    tree = encode_tree(merged.tree, lambda _p, v: v.index if isinstance(v, TensorRef) else None)
+    manifest = Manifest(step, time.time(), metadata, tree, entries, tuple(table.chunks))
+    digest, committed = write_manifest_and_commit(store, epoch, manifest, overwrite=overwrite, writer=writer)
+    new: dict[str, int] = {}
+    for partial in partials:
+        new.update(partial["new"])
+    info = save_info(
+        step=step, manifest=digest, commit_id=committed.commit_id, seq=committed.seq, replaced=committed.replaces,
+        tensors=len(entries), logical_bytes=manifest.logical_bytes, chunks=len(table.chunks),
+        new_chunks=len(new), new_bytes=sum(new.values()), seconds=time.perf_counter() - started)
+    if keep_last is not None or keep_every is not None:
+        from dataclasses import replace
+
+        deleted = store.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
+        info = replace(info, retention_deleted=tuple(deleted))
+    return info
+
