@@ -1,0 +1,60 @@
+"""How a local store's costs grow with the number of tensors and of steps (small tensors).
+
+`tensors`: one save of N 256-byte tensors; save time, manifest size, `steps()`, the `ls`
+report (ckptstore.report.step_summaries) and gc time.
+`steps`: N saves of a 10-tensor state, one tensor changed per step; per-save time, `steps()`,
+the `ls` report, then retention keeps the last 10 and gc frees the rest (min_age=0).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+SMALL = 64  # float32 elements per tensor (256 bytes)
+
+
+def _timed(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _manifest_bytes(root: Path) -> int:
+    files = [p for p in (root / "manifests").rglob("*") if p.is_file()]
+    return max((p.stat().st_size for p in files), default=0)
+
+
+def run_scaling_task(task: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.worker import open_store
+    from ckptstore.report import step_summaries
+
+    root = Path(task["path"])
+    n = int(task["n"])
+    store = open_store(task, str(root))
+    if task["kind"] == "tensors":
+        state = {f"t{i:06d}": torch.full((SMALL,), float(i)) for i in range(n)}
+        save_s, _ = _timed(lambda: store.save(1, state))
+        out: dict[str, Any] = {"save_seconds": save_s, "manifest_bytes": _manifest_bytes(root)}
+    else:
+        state = {f"t{i}": torch.zeros(SMALL) for i in range(10)}
+        total = 0.0
+        for step in range(1, n + 1):
+            state[f"t{step % 10}"].fill_(float(step))
+            seconds, _ = _timed(lambda s=step: store.save(s, state))
+            total += seconds
+        out = {"save_seconds": total / n, "manifest_bytes": _manifest_bytes(root)}
+    out["steps_seconds"], steps = _timed(store.steps)
+    out["ls_seconds"], rows = _timed(lambda: step_summaries(store))
+    if len(steps) != len(rows):
+        raise AssertionError(f"steps() found {len(steps)} steps but the ls report {len(rows)}")
+    if task["kind"] == "steps":
+        store.apply_retention(keep_last=10)
+    out["gc_seconds"], report = _timed(lambda: store.gc(min_age=0))
+    out["gc_deleted_manifests"] = report.deleted_manifests
+    out["gc_deleted_chunks"] = report.deleted_chunks
+    store.close()
+    return out
