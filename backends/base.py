@@ -86,6 +86,9 @@ class Backend(abc.ABC):
     #: Whether a store must prove, on open, that this backend enforces conditional puts
     #: (remote servers differ; local and memory enforce them by construction).
     needs_canary: bool = False
+    #: Chunk size `ckptstore.open` uses when the caller gives no ChunkingPolicy (None: the
+    #: policy's own default). A store's chunk size is a writer setting, never a format one.
+    preferred_chunk_size: int | None = None
 
     @abc.abstractmethod
     def get(self, key: str) -> GetResult:

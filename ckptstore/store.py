@@ -468,7 +468,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
 
     `hash_algorithm` applies only when this call creates the store; an existing store keeps
     the algorithm its CKPTSTORE marker names. Chunking, compression, threads and verify are
-    this handle's I/O settings and never change what a reader needs. `storage_options` are
+    this handle's I/O settings and never change what a reader needs (default chunking: the
+    backend's preferred chunk size, 64 MiB on S3, else ChunkingPolicy()). `storage_options` are
     keyword arguments of the backend (e.g. S3: endpoint_url, region, profile; GCS: project).
     `retries`: how often each backend operation is retried after a TransientError, on top of
     the SDK's own retries (ckptstore.retry); default: the URL's `?retries=N`, else 4; 0 = off.
@@ -481,6 +482,8 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
 
     attempts = 1 + retries_option(url, retries, DEFAULT_RETRIES)
     backend = open_backend(url, storage_options, threads=threads)
+    if chunking is None and backend.preferred_chunk_size is not None:
+        chunking = ChunkingPolicy(chunk_size=backend.preferred_chunk_size)
     if attempts > 1:
         backend = RetryingBackend(backend, attempts=attempts)
     return Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import ckptstore
 from ckptstore import errors
@@ -158,3 +160,19 @@ def test_url_options_and_secrets(s3_server: S3Server, s3_bucket: str) -> None:
         ckptstore.open(f"s3://{s3_bucket}/x?secret_key=abc")
     with pytest.raises(ckptstore.InvalidURLError, match="unknown option"):
         ckptstore.open(f"s3://{s3_bucket}/x?colour=blue")
+
+
+def test_s3_stores_default_to_the_benchmarked_chunk_size(s3_bucket: str, tmp_path: Path) -> None:
+    """64 MiB chunks on S3 (benchmarks/RESULTS.md); an explicit policy wins; local keeps 16 MiB."""
+    from ckptstore.chunking import ChunkingPolicy
+
+    MiB = 1 << 20
+    with ckptstore.open(f"s3://{s3_bucket}/default") as store:
+        assert store.chunking == ChunkingPolicy(chunk_size=64 * MiB)
+        state = {"w": torch.arange(20 * MiB // 4, dtype=torch.float32)}  # 20 MiB: one chunk here
+        assert store.save(1, state).chunks == 1
+        assert torch.equal(store.load(1)["w"], state["w"])
+    with ckptstore.open(f"s3://{s3_bucket}/explicit", chunking=ChunkingPolicy(chunk_size=MiB)) as store:
+        assert store.chunking.chunk_size == MiB
+    with ckptstore.open(str(tmp_path / "local")) as store:
+        assert store.chunking == ChunkingPolicy()
