@@ -142,17 +142,24 @@ def _unpack_map(data: bytes, what: str, limit: int, version: int, *,
 def _unpack_array(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: str, max_entries: int,
                   read_entry: EntryReader) -> Any:
     """An array of entries, its length checked before any entry is decoded."""
-    try:
-        count = unpacker.read_array_header()
-    except ValueError as exc:
-        if "Unexpected type" not in str(exc):
-            raise
-        # Not an array: kept (small) for the type check after the version check.
-        budget.allow(MAX_PLACEMENT_ITEMS, what)
+    count = _array_header(unpacker, budget, what)
+    if count is None:
         return unpacker.unpack()
     if count > max_entries:
         raise FormatError(f"{what}: {count} entries is over the limit of {max_entries}")
     return [read_entry(unpacker, budget, what) for _ in range(count)]
+
+
+def _array_header(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: str) -> int | None:
+    """The length of the array that comes next, or None when the next value is not an array:
+    the caller then reads it whole (budgeted as small) for the type check after the version check."""
+    try:
+        return int(unpacker.read_array_header())
+    except ValueError as exc:
+        if "Unexpected type" not in str(exc):
+            raise
+        budget.allow(MAX_PLACEMENT_ITEMS, what)
+        return None
 
 
 def _small_value(items: int) -> EntryReader:
@@ -169,24 +176,16 @@ def _read_tensor_entry(unpacker: msgpack.Unpacker, budget: _ItemBudget, what: st
     """[kind, dtype, shape, segments, placement], each part within its own budget, so no
     part (a placement, say) can spend what the segments of a huge tensor are allowed.
     Hot path (once per tensor): budgets are set per part, not per value."""
-    try:
-        count = unpacker.read_array_header()
-    except ValueError as exc:
-        if "Unexpected type" not in str(exc):
-            raise
-        budget.allow(MAX_PLACEMENT_ITEMS, what)
+    count = _array_header(unpacker, budget, what)
+    if count is None:
         return unpacker.unpack()
     if count != 5:
         raise FormatError(f"{what}: {count} fields, not 5")
     unpack = unpacker.unpack
     budget.allow(1 + MAX_DIMS, what)  # kind, dtype, shape: only the shape is a container
     kind, dtype, shape = unpack(), unpack(), unpack()
-    try:
-        n = unpacker.read_array_header()
-    except ValueError as exc:
-        if "Unexpected type" not in str(exc):
-            raise
-        budget.allow(MAX_PLACEMENT_ITEMS, what)
+    n = _array_header(unpacker, budget, what)
+    if n is None:
         segments = unpack()
     else:
         if n > MAX_SEGMENTS:
