@@ -37,7 +37,9 @@ from ckptstore.errors import (
 from ckptstore.keys import validate_key
 
 MiB = 1 << 20
-DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+# Above this an object goes up in parts. It leaves room for a default 64 MiB chunk plus its
+# header in one request: as 4 x 16 MiB parts plus a 24-byte one it took 6 requests.
+DEFAULT_MULTIPART_THRESHOLD = 128 * MiB
 DEFAULT_PART_SIZE = 16 * MiB
 # A 409 ConditionalRequestConflict means another conditional write to the key is in flight;
 # AWS asks clients to retry. After this many tries it is reported as a lost precondition.
@@ -159,8 +161,15 @@ class S3Backend(Backend):
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            s3={"addressing_style": "path"} if custom_endpoint else None,
-            request_checksum_calculation="when_required",
+            # Request bodies carry a CRC32 (x-amz-checksum-crc32, checked by the server) instead
+            # of a signed SHA-256 of the payload: AWS's own default integrity model, at 4 GB/s
+            # instead of 1.8 GB/s of client CPU. botocore signs payloads on plain-HTTP endpoints
+            # unless told not to; headers (key, conditions, checksum) stay signed. Measured on
+            # SeaweedFS, 1.24 GB: client CPU 1.8 -> 1.1-1.4 s per save. Chunks are verified
+            # against their content hash on every read as well.
+            s3={"addressing_style": "path", "payload_signing_enabled": False} if custom_endpoint
+            else {"payload_signing_enabled": False},
+            request_checksum_calculation="when_supported",
             response_checksum_validation="when_required",
         )
         return session.client("s3", endpoint_url=endpoint_url, config=config)

@@ -176,3 +176,22 @@ def test_s3_stores_default_to_the_benchmarked_chunk_size(s3_bucket: str, tmp_pat
         assert store.chunking.chunk_size == MiB
     with ckptstore.open(str(tmp_path / "local")) as store:
         assert store.chunking == ChunkingPolicy()
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20], ids=["single-request", "multipart"])
+def test_a_body_corrupted_in_transit_is_refused_by_the_server(backend: S3Backend, size: int) -> None:
+    """Bodies go up unsigned but with a CRC32 the server checks (backends/s3.py): flip a byte
+    after the client computed it, as a bad link would, and nothing may be stored."""
+    payload = bytes(range(256)) * (size // 256)
+
+    def corrupt(request: Any, **_: Any) -> None:
+        if request.method == "PUT" and request.body is not None:
+            body = request.body.read() if hasattr(request.body, "read") else bytes(request.body)
+            if body:
+                request.body = bytes([body[0] ^ 1]) + body[1:]
+
+    backend._client.meta.events.register("before-send.s3.PutObject", corrupt)
+    backend._client.meta.events.register("before-send.s3.UploadPart", corrupt)
+    with pytest.raises(errors.CkptStoreError):
+        backend.put("chunks/corrupted", payload, mode=CREATE)
+    assert not backend.exists("chunks/corrupted")

@@ -406,8 +406,13 @@ def _socket_dir(run_dir: Path) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="ckw-")), True
 
 
-def start_seaweedfs(workdir: Path) -> S3Server:
+def start_seaweedfs(workdir: Path, *, volume_size_limit_mb: int | None = 16) -> S3Server:
     """Start `weed mini` (S3 gateway with SigV4: testkey/testsecret) on free loopback ports.
+
+    `volume_size_limit_mb`: the size at which the server starts a new volume; None keeps
+    `weed mini`'s own default (128 MiB). Tests keep 16, so that a volume per bucket fits on
+    the disk (see the argv comment); benchmarks pass None, because with 16 MiB volumes
+    creating volumes dominates a big upload.
 
     Each start gets a fresh run directory under `workdir` with the data dir (`data/`), the
     server's log (`weed.log`), its glog files and its S3/filer sockets. Raises `ServerStartError`
@@ -420,7 +425,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     last: ServerStartError | None = None
     for _ in range(START_ATTEMPTS):
         try:
-            return _start_seaweedfs_once(weed, workdir, rng)
+            return _start_seaweedfs_once(weed, workdir, rng, volume_size_limit_mb)
         except ServerStartError as e:
             last = e
             if not _is_port_conflict(e):
@@ -429,7 +434,8 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     raise last
 
 
-def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random) -> S3Server:
+def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random,
+                          volume_size_limit_mb: int | None) -> S3Server:
     run_dir = Path(tempfile.mkdtemp(prefix="weed-", dir=workdir))
     data_dir = run_dir / "data"
     data_dir.mkdir()
@@ -453,7 +459,7 @@ def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random) -> S3Ser
         # Every bucket is a collection with volumes of its own, and `mini` caps the volume
         # count by free disk / 1 GiB (78 here): a test session that makes a bucket per test
         # ran out after 76 buckets ("No writable volumes"). Small volumes, many allowed.
-        "-master.volumeSizeLimitMB=16",
+        *([f"-master.volumeSizeLimitMB={volume_size_limit_mb}"] if volume_size_limit_mb else []),
         "-volume.max=4000",
         f"-s3.port={s3_port}",
         f"-master.port={master_port}",
