@@ -30,7 +30,7 @@ STATES = {
 }
 # Local formats: the save op, then the loads of what it wrote (the first is the baseline).
 LOCAL = {
-    "raw": ("raw_write", ["raw_read"]),
+    "raw": ("raw_write", ["raw_read", "raw_read_4t"]),
     "torch": ("torch_save", ["torch_load", "torch_load_mmap"]),
     "safetensors": ("safetensors_save", ["safetensors_load"]),
     "dcp": ("dcp_save", ["dcp_load"]),
@@ -200,11 +200,14 @@ def s3_section(args: argparse.Namespace, spec: StateSpec, runner: Runner, cache:
              "ckptstore_save": Row("s3-save", label, "ckptstore_save", "boto3_put"),
              "ckptstore_resave": Row("s3-save", label, "ckptstore_resave", "boto3_put",
                                      note="10% of tensors changed"),
+             "ckptstore_zstd_save": Row("s3-save", label, "ckptstore_zstd_save", "boto3_put",
+                                        note='Compression("zstd"), adaptive'),
              "s3tc_dcp_save": Row("s3-save", label, "s3tc_dcp_save", "boto3_put",
                                   note=f"s3torchconnector DCP writer, thread_count={args.threads}"),
              "fsspec_dcp_save": Row("s3-save", label, "fsspec_dcp_save", "boto3_put")}
     loads = {"boto3_get": Row("s3-load", label, "boto3_get", "boto3_get", note="4 threads"),
              "ckptstore_load": Row("s3-load", label, "ckptstore_load", "boto3_get"),
+             "ckptstore_zstd_load": Row("s3-load", label, "ckptstore_zstd_load", "boto3_get"),
              "s3tc_dcp_load": Row("s3-load", label, "s3tc_dcp_load", "boto3_get"),
              "fsspec_dcp_load": Row("s3-load", label, "fsspec_dcp_load", "boto3_get")}
     why_not_s3tc = _import_problem("s3torchconnector.dcp")
@@ -222,7 +225,8 @@ def s3_section(args: argparse.Namespace, spec: StateSpec, runner: Runner, cache:
     for row in (saves["fsspec_dcp_save"], loads["fsspec_dcp_load"]):
         row.status, row.note = "unavailable", why_not_s3fs
     pairs = {"boto3": ("boto3_put", "boto3_get"), "ckptstore": ("ckptstore_save", "ckptstore_load"),
-             "s3tc": ("s3tc_dcp_save", "s3tc_dcp_load"), "ckptstore-resave": ("ckptstore_resave", None)}
+             "s3tc": ("s3tc_dcp_save", "s3tc_dcp_load"), "ckptstore-resave": ("ckptstore_resave", None),
+             "ckptstore-zstd": ("ckptstore_zstd_save", "ckptstore_zstd_load")}
     state = spec.to_json()
     s3 = {"endpoint": server.endpoint, "region": server.region, "bucket": bucket}
     for r in range(args.runs):
@@ -333,6 +337,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run ops in this process (fast smoke tests; RSS numbers are then not per-op)")
     p.add_argument("--cache-drop", choices=("auto", "fadvise"), default="auto",
                    help="auto: drop_caches when permitted (system-wide), else fadvise; fadvise: only our files")
+    p.add_argument("--pin-server", action="store_true",
+                   help="s3: run SeaweedFS on the last CPU and every measured op on the others, so the "
+                        "server's CPU is not shared with the client's (as with a remote server)")
     p.add_argument("--op-timeout", type=float, default=1800.0, help="seconds before one op is killed")
     args = p.parse_args(argv)
     args.runs = args.runs or (1 if args.quick else 3)
@@ -424,6 +431,9 @@ def _with_seaweedfs(args: argparse.Namespace, cache: PageCache, tmp: Path) -> li
     env.update(server.env())
     saved_env = dict(os.environ)
     os.environ.update(server.env())  # --in-process ops and the s3torchconnector client read these
+    saved_cpus = os.sched_getaffinity(0)
+    if args.pin_server:
+        _progress(_pin_apart(server.pid))
     try:
         bucket = server.new_bucket("bench")
         runner = Runner(args, env)
@@ -434,7 +444,20 @@ def _with_seaweedfs(args: argparse.Namespace, cache: PageCache, tmp: Path) -> li
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+        os.sched_setaffinity(0, saved_cpus)
         server.stop()
+
+
+def _pin_apart(server_pid: int) -> str:
+    """Every thread of the server onto the last CPU, this process (and so the ops it starts)
+    onto the rest; returns what was done, for the log."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return f"--pin-server ignored: only CPU {cpus} available"
+    for tid in os.listdir(f"/proc/{server_pid}/task"):  # threads started later inherit it
+        os.sched_setaffinity(int(tid), {cpus[-1]})
+    os.sched_setaffinity(0, cpus[:-1])
+    return f"SeaweedFS pinned to CPU {cpus[-1]}, measured ops to CPUs {cpus[:-1]}"
 
 
 if __name__ == "__main__":
