@@ -38,6 +38,8 @@ LOCAL = {
 }
 LOCAL_SAVE_TOOLS = [save for save, _ in LOCAL.values()]
 LOCAL_LOAD_TOOLS = [load for _, loads in LOCAL.values() for load in loads]
+# Ops that run in --peer-python's interpreter (their packages conflict with ckptstore's).
+PEER_OPS = ("fsspec_",)
 TENSOR_COUNTS = [10, 100, 1000, 10_000, 100_000]
 STEP_COUNTS = [1, 10, 100, 1000]
 
@@ -88,6 +90,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace, env: dict[str, str] | None = None):
         self.args = args
         self.env = dict(env or os.environ)
+        self.peer_python: str | None = args.peer_python
 
     def base_task(self) -> dict[str, Any]:
         return {"threads": self.args.threads, "chunking": self.args.chunking_opts, "scratch": str(self.args.scratch),
@@ -99,7 +102,8 @@ class Runner:
         if self.args.in_process:
             return _run_in_process(task)
         env = {**self.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(task)], cwd=REPO, env=env,
+        python = self.peer_python if task["op"].startswith(PEER_OPS) and self.peer_python else sys.executable
+        proc = subprocess.run([python, "-m", "benchmarks.worker", json.dumps(task)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=self.args.op_timeout)
         results = [line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not results:
@@ -214,19 +218,18 @@ def s3_section(args: argparse.Namespace, spec: StateSpec, runner: Runner, cache:
     if why_not_s3tc:
         for row in (saves["s3tc_dcp_save"], loads["s3tc_dcp_load"]):
             row.status, row.note = "unavailable", why_not_s3tc
-    # DCP + fsspec needs s3fs; s3fs needs aiobotocore, which pins an older botocore than the
-    # venv's boto3 uses, so it is not installed (installing would downgrade boto3 for ckptstore).
-    why_not_s3fs = _import_problem("s3fs")
+    # DCP + fsspec needs s3fs; s3fs needs aiobotocore, which pins an older botocore than
+    # ckptstore's boto3, so its ops run in the interpreter of a venv of their own (--peer-python).
+    why_not_s3fs = _peer_problem(runner.peer_python)
     if why_not_s3fs:
-        why_not_s3fs = ("s3fs is not installed: its aiobotocore pins an older botocore (newest: <1.43.118) than "
-                        "the venv's boto3 needs, and installing it would downgrade boto3 for ckptstore")
+        for row in (saves["fsspec_dcp_save"], loads["fsspec_dcp_load"]):
+            row.status, row.note = "unavailable", why_not_s3fs
     else:
-        why_not_s3fs = "s3fs is importable, but DCP + s3fs is not wired into this harness yet"
-    for row in (saves["fsspec_dcp_save"], loads["fsspec_dcp_load"]):
-        row.status, row.note = "unavailable", why_not_s3fs
+        saves["fsspec_dcp_save"].note = f"FsspecWriter, thread_count={args.threads}; {runner.peer_python}"
     pairs = {"boto3": ("boto3_put", "boto3_get"), "ckptstore": ("ckptstore_save", "ckptstore_load"),
              "s3tc": ("s3tc_dcp_save", "s3tc_dcp_load"), "ckptstore-resave": ("ckptstore_resave", None),
-             "ckptstore-zstd": ("ckptstore_zstd_save", "ckptstore_zstd_load")}
+             "ckptstore-zstd": ("ckptstore_zstd_save", "ckptstore_zstd_load"),
+             "fsspec": ("fsspec_dcp_save", "fsspec_dcp_load")}
     state = spec.to_json()
     s3 = {"endpoint": server.endpoint, "region": server.region, "bucket": bucket}
     for r in range(args.runs):
@@ -272,6 +275,21 @@ def _import_problem(module: str) -> str | None:
         return None
     except Exception as exc:
         return f"not installed ({type(exc).__name__}: {exc})"[:300]
+
+
+def _peer_problem(python: str | None) -> str | None:
+    """Why the DCP + fsspec ops cannot run in `python` (None: they can)."""
+    if not python:
+        return ("needs --peer-python: s3fs's aiobotocore pins an older botocore (newest: <1.43.118) than "
+                "ckptstore's boto3, so s3fs goes in a venv of its own (benchmarks/README.md)")
+    try:
+        proc = subprocess.run([python, "-c", "import s3fs, torch.distributed.checkpoint"], capture_output=True,
+                              text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"--peer-python {python} does not run: {exc}"
+    if proc.returncode:
+        return f"--peer-python {python} cannot import s3fs and torch: {proc.stderr.strip()[-200:]}"
+    return None
 
 
 def _rmtree(path: Path) -> None:
@@ -337,6 +355,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run ops in this process (fast smoke tests; RSS numbers are then not per-op)")
     p.add_argument("--cache-drop", choices=("auto", "fadvise"), default="auto",
                    help="auto: drop_caches when permitted (system-wide), else fadvise; fadvise: only our files")
+    p.add_argument("--peer-python", help="python of a venv with torch and s3fs, for the DCP + fsspec rows")
     p.add_argument("--pin-server", action="store_true",
                    help="s3: run SeaweedFS on the last CPU and every measured op on the others, so the "
                         "server's CPU is not shared with the client's (as with a remote server)")

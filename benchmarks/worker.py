@@ -500,6 +500,40 @@ def op_s3tc_dcp_load(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
     return _timed_load(task, clock, load)
 
 
+def _fsspec_path_and_options(task: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    s3 = task["s3"]
+    # Credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, as for every peer.
+    return (f"s3://{s3['bucket']}/{s3['prefix']}",
+            {"client_kwargs": {"endpoint_url": s3["endpoint"], "region_name": s3["region"]}})
+
+
+def op_fsspec_dcp_save(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    state = build_state(StateSpec.from_json(task["state"]))
+    path, options = _fsspec_path_and_options(task)
+    # sync_files: object stores have no fsync; an upload is durable when its PUT returns.
+    writer = FsspecWriter(path, thread_count=task["threads"], sync_files=False, **options)
+    clock(lambda: dcp.save(state, storage_writer=writer))
+    return {"state_bytes": state_bytes(state)}
+
+
+def op_fsspec_dcp_load(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    target = empty_like_state(StateSpec.from_json(task["state"]))
+    path, options = _fsspec_path_and_options(task)
+    reader = FsspecReader(path, **options)
+
+    def load() -> Any:
+        dcp.load(target, storage_reader=reader)
+        return target
+
+    return _timed_load(task, clock, load)
+
+
 ZSTD = {"codec": "zstd"}
 OPS: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "raw_write": op_raw_write, "torch_save": op_torch_save, "safetensors_save": op_safetensors_save,
@@ -513,6 +547,7 @@ OPS: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "ckptstore_zstd_load": lambda task, clock: op_ckptstore_load({**task, "compression": ZSTD}, clock),
     "boto3_put": op_boto3_put, "boto3_get": op_boto3_get,
     "s3tc_dcp_save": op_s3tc_dcp_save, "s3tc_dcp_load": op_s3tc_dcp_load,
+    "fsspec_dcp_save": op_fsspec_dcp_save, "fsspec_dcp_load": op_fsspec_dcp_load,
 }
 
 
@@ -535,7 +570,7 @@ def warm_up(op: str, task: dict[str, Any]) -> None:
 
             save_file(flat_tensors(tiny), str(scratch / "t.st"))
             load_file(str(scratch / "t.st"))
-        elif op.startswith(("dcp", "s3tc")):
+        elif op.startswith(("dcp", "s3tc", "fsspec")):
             import torch.distributed.checkpoint as dcp
 
             dcp.save(tiny, storage_writer=dcp.FileSystemWriter(str(scratch / "dcp")))
