@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -96,6 +97,26 @@ def translate_errors(key: str, operation: str, mode: PutMode | None = None) -> I
         raise BackendError(f"S3 client error: {type(exc).__name__}", key=key, operation=operation) from exc
 
 
+_loader_lock = threading.Lock()
+_shared_loader: Any = None
+
+
+def _botocore_session() -> Any:
+    """A new botocore session (credentials, profile and config resolved afresh, as a new
+    boto3 session would) that shares one data loader with every other: the S3 API model
+    and endpoint rules are parsed once per process instead of once per `ckptstore.open`."""
+    import botocore.session
+
+    global _shared_loader
+    session = botocore.session.get_session()
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _shared_loader)
+    return session
+
+
 def _slice_parts(parts: Sequence[Buffer], start: int, length: int) -> list[memoryview]:
     """Views of the bytes [start, start + length) of the concatenated `parts`, without copying."""
     out = []
@@ -113,9 +134,9 @@ class S3Backend(Backend):
     """Objects under `s3://bucket/prefix`."""
 
     needs_canary = True
-    # Measured (benchmarks/RESULTS.md, SeaweedFS, 1.24 GB fp32, 3 runs): with 16 MiB chunks a
-    # save took 1.57x the time of a plain 4-thread boto3 upload of 64 MiB objects, with 64 MiB
-    # chunks 1.07x; loads went from 1.03x to 0.78x of a 4-thread boto3 download.
+    # Measured (benchmarks/RESULTS.md, SeaweedFS, 1.24 GB fp32, 3 runs, same runs as a plain
+    # 4-thread boto3 upload of 64 MiB objects): with 16 MiB chunks a save took 0.98x its time,
+    # with 64 MiB chunks 0.86-0.87x; a re-save of 10% 0.19x against 0.13-0.14x.
     preferred_chunk_size = 64 * MiB
 
     def __init__(
@@ -151,7 +172,7 @@ class S3Backend(Backend):
         # boto3 reads AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself; we only need to know
         # whether a custom endpoint is in play, because those need path-style addressing.
         custom_endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        session = boto3.session.Session(profile_name=profile)
+        session = boto3.session.Session(botocore_session=_botocore_session(), profile_name=profile)
         config = Config(
             region_name=region or session.region_name or "us-east-1",
             max_pool_connections=max(10, 2 * threads + 2),
