@@ -178,10 +178,13 @@ def test_s3_stores_default_to_the_benchmarked_chunk_size(s3_bucket: str, tmp_pat
         assert store.chunking == ChunkingPolicy()
 
 
+@pytest.mark.parametrize("key", ["chunks/corrupted", "refs/steps/7"])
 @pytest.mark.parametrize("size", [1000, 12 << 20], ids=["single-request", "multipart"])
-def test_a_body_corrupted_in_transit_is_refused_by_the_server(backend: S3Backend, size: int) -> None:
-    """Bodies go up unsigned but with a CRC32 the server checks (backends/s3.py): flip a byte
-    after the client computed it, as a bad link would, and nothing may be stored."""
+def test_a_body_corrupted_in_transit_is_refused_by_the_server(backend: S3Backend, size: int, key: str) -> None:
+    """Bodies go up with a CRC32 the server checks (backends/s3.py): flip a byte after the
+    client computed it, as a bad link would, and nothing may be stored."""
+    if key.startswith("refs/") and size > backend.multipart_threshold:
+        pytest.skip("refs are always small")
     payload = bytes(range(256)) * (size // 256)
 
     def corrupt(request: Any, **_: Any) -> None:
@@ -190,8 +193,26 @@ def test_a_body_corrupted_in_transit_is_refused_by_the_server(backend: S3Backend
             if body:
                 request.body = bytes([body[0] ^ 1]) + body[1:]
 
-    backend._client.meta.events.register("before-send.s3.PutObject", corrupt)
-    backend._client.meta.events.register("before-send.s3.UploadPart", corrupt)
+    for client in (backend._client, backend._data_client):
+        client.meta.events.register("before-send.s3.PutObject", corrupt)
+        client.meta.events.register("before-send.s3.UploadPart", corrupt)
     with pytest.raises(errors.CkptStoreError):
-        backend.put("chunks/corrupted", payload, mode=CREATE)
-    assert not backend.exists("chunks/corrupted")
+        backend.put(key, payload, mode=CREATE)
+    assert not backend.exists(key)
+
+
+def test_only_content_addressed_bodies_go_up_unsigned(backend: S3Backend) -> None:
+    """Chunks and manifests (checked against their hash on every read) skip the SHA-256
+    payload signature; refs, the marker and locks keep it."""
+    seen: dict[str, bytes] = {}
+
+    def record(request: Any, **_: Any) -> None:
+        seen[request.url.rsplit("/", 1)[-1]] = request.headers["X-Amz-Content-SHA256"]
+
+    for client in (backend._client, backend._data_client):
+        client.meta.events.register("before-send.s3.PutObject", record)
+    for key in ("chunks/ab/c1", "manifests/ab/m1", "refs/steps/1", "CKPTSTORE", "locks/gc"):
+        backend.put(key, b"x" * 100)
+    assert len(seen) == 5
+    assert {name for name, value in seen.items() if value == b"UNSIGNED-PAYLOAD"} == {"c1", "m1"}
+    assert all(len(value) == 64 for name, value in seen.items() if name not in ("c1", "m1"))  # hex SHA-256
