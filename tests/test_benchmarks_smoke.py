@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 SAVES = ["raw_write", "torch_save", "safetensors_save", "dcp_save", "ckptstore_save"]
-LOADS = ["raw_read", "torch_load", "torch_load_mmap", "safetensors_load", "dcp_load", "ckptstore_load",
+LOADS = ["raw_read", "raw_read_4t", "torch_load", "torch_load_mmap", "safetensors_load", "dcp_load", "ckptstore_load",
          "ckptstore_load_into"]
 
 

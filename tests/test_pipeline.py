@@ -122,7 +122,7 @@ def test_s3_put_of_parts_round_trips(s3: S3Backend, size: int) -> None:
 
 def test_s3_put_rewinds_the_body_on_retry(s3: S3Backend) -> None:
     """A connection error after part of the body was read: botocore retries, seeking the
-    body back; the server (which checks the SigV4 payload hash) gets the exact bytes."""
+    body back; the server (which checks the body's CRC32) gets the exact bytes."""
     attempts: list[int] = []
 
     def fail_first(request: Any, **_: Any) -> None:
@@ -131,7 +131,7 @@ def test_s3_put_rewinds_the_body_on_retry(s3: S3Backend) -> None:
             request.body.read(12_345)  # a partial send
             raise EndpointConnectionError(endpoint_url=request.url)
 
-    events = s3._client.meta.events
+    events = s3._writer("chunks/retried").meta.events
     events.register("before-send.s3.PutObject", fail_first)
     try:
         data = bytes(range(256)) * 1000
