@@ -9,7 +9,9 @@ Objects under locks/ (all small msgpack maps, see docs/FORMAT.md "Garbage collec
                                        changed only by compare-and-swap
 
 A lease is stale when it has not been refreshed for `ttl` seconds (its holder died); stale
-leases are ignored by gc and removed by `clear_stale_locks`.
+leases are ignored by gc and removed by `clear_stale_locks`. The gc lock is also treated as
+released at once when its holder ran on this machine and is gone (ckptstore.liveness), so a
+killed gc does not hold up saves for `ttl`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ckptstore.errors import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
+from ckptstore.liveness import holder_fields, holder_is_dead
 from ckptstore.manifest import MAX_REF_BYTES
 
 DEFAULT_TTL = 600.0
@@ -199,13 +202,24 @@ def set_epoch(backend: Backend, *, running: bool, owner: str, swept_in: int | No
             continue
 
 
+def gc_lock_payload(owner: str) -> bytes:
+    """The bytes of locks/gc: its owner, when it was refreshed, and who holds it (liveness.py)."""
+    return _pack({"owner": owner, "refreshed": time.time(), **holder_fields()})
+
+
 def gc_lock_alive(backend: Backend, *, ttl: float) -> bool:
-    """Whether a gc holds a fresh gc lock."""
+    """Whether a gc holds a fresh gc lock and is not provably dead (a process of this
+    machine that is gone: then no one need wait `ttl` for its lock to go stale)."""
     try:
         info = backend.head(GC_LOCK)
+        if time.time() - info.modified > ttl:
+            return False
+        lock = _unpack(backend.get_small(GC_LOCK, MAX_REF_BYTES).data, "gc lock")
     except ObjectNotFoundError:
         return False
-    return time.time() - info.modified <= ttl
+    except FormatError:
+        return True  # unreadable but fresh: honour it until it is stale
+    return not holder_is_dead(lock)
 
 
 def wait_for_gc(backend: Backend, *, ttl: float, poll: float = 0.2) -> Epoch:
@@ -220,7 +234,7 @@ def wait_for_gc(backend: Backend, *, ttl: float, poll: float = 0.2) -> Epoch:
 @contextlib.contextmanager
 def gc_lock(backend: Backend, owner: str, *, ttl: float) -> Iterator[bool]:
     """Hold locks/gc for the block; yields False (holding nothing) if a live gc has it."""
-    payload = _pack({"owner": owner, "refreshed": time.time()})
+    payload = gc_lock_payload(owner)
     try:
         backend.put(GC_LOCK, payload, mode=CREATE)
     except AlreadyExistsError:

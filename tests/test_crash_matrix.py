@@ -345,6 +345,26 @@ def test_gc_killed_mid_sweep(shared_store_url: str, point: GCPoint) -> None:
     _collect_after_crash(store, crash, expected, dead_lease=False, tags=tags)
 
 
+def test_a_gc_killed_on_this_machine_holds_up_nothing(shared_store_url: str) -> None:
+    """With the default 600 s lease TTL: a gc SIGKILLed after its epoch bump leaves a fresh
+    lock and a "running" epoch, yet its holder provably died here (ckptstore.liveness), so a
+    save commits at once and the next gc takes the lock over instead of standing down."""
+    url = shared_store_url
+    store = ckptstore.open(url, chunking=ckptstore.ChunkingPolicy(*CHUNKING))
+    _save(store, 1, 1)
+    store.delete(1)
+    crash = run_crash(_spec(url, "gc", KillPoint("put", EPOCH, "after"), lease_ttl=600.0))
+    assert crash.died_at and read_epoch(store.backend)[0].running
+    assert store.backend.exists("locks/gc")
+    started = time.monotonic()
+    _save(store, 2, 2)
+    assert time.monotonic() - started < 15, "the save waited for the dead gc's lock to go stale"
+    report = store.gc(min_age=0)
+    assert report.ran, report  # took the dead gc's lock over
+    assert not read_epoch(store.backend)[0].running
+    _assert_committed(store, {2: 2}, {})
+
+
 # -- S3: a save killed mid multipart upload ------------------------------------------------------
 
 def test_save_killed_mid_multipart_upload_leaves_an_upload_gc_aborts(s3_server: Any, s3_bucket: str) -> None:

@@ -1,0 +1,46 @@
+"""ckptstore.liveness: a lock's holder counts as dead only when that is certain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ckptstore.liveness import holder_fields, holder_is_dead
+
+
+def _exited_child(reap: bool) -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    if reap:
+        proc.wait()
+    else:
+        import os
+        import time
+
+        # Let it exit without reaping it: a zombie still answers kill(pid, 0).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        assert os.path.exists(f"/proc/{proc.pid}")
+    return proc.pid
+
+
+def test_a_running_holder_is_alive() -> None:
+    assert not holder_is_dead(holder_fields())
+
+
+def test_a_holder_that_exited_here_is_dead_reaped_or_zombie() -> None:
+    for reap in (True, False):
+        assert holder_is_dead({**holder_fields(), "pid": _exited_child(reap)})
+
+
+def test_anything_uncertain_counts_as_alive() -> None:
+    dead_pid = _exited_child(True)
+    mine = holder_fields()
+    for lock in ({**mine, "pid": dead_pid, "boot": "another-boot"},  # another machine or reboot
+                 {**mine, "pid": dead_pid, "pidns": mine["pidns"] + 1},  # another container
+                 {"owner": "old@host:1", "refreshed": 0.0, "pid": dead_pid},  # written before these fields
+                 {**mine, "pid": "12"}, {**mine, "pid": True}, {**mine, "pid": -1}):
+        assert not holder_is_dead(lock), lock
