@@ -195,6 +195,11 @@ class StateMismatchError(CkptStoreError, ValueError):
     """load(into=...) found a target tensor whose shape or dtype differs from the stored one."""
 
 
+class InsufficientMemoryError(CkptStoreError, MemoryError):
+    """A load would allocate more memory than this machine has (RAM plus swap), or the
+    allocation failed: checked before any tensor is allocated or byte read."""
+
+
 class StateConflictError(UnsupportedValueError):
     """Ranks passed states that cannot be merged: a leaf that differs between the ranks holding
     it, or a dict on one rank where another has a leaf. `path` and `ranks` name them."""

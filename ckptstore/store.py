@@ -28,6 +28,7 @@ from ckptstore.commit import commit_ref, read_ref
 from ckptstore.errors import (
     AlreadyExistsError,
     FormatError,
+    InsufficientMemoryError,
     IntegrityError,
     ObjectNotFoundError,
     StepExistsError,
@@ -417,6 +418,8 @@ class Store:
         step = self._resolve(step)
         manifest = self.info(step).manifest
         tree = decode_tree(manifest.tree)
+        if into is None:  # everything is allocated here: refuse what cannot fit up front
+            _check_fits(step, manifest.logical_bytes)
         targets: dict[int, Any] = {}
         labels: dict[int, str] = {}
 
@@ -425,8 +428,15 @@ class Store:
                 raise FormatError(f"step {step}: tree references tensor {ref.index} of {len(manifest.tensors)}")
             if ref.index not in targets:
                 labels[ref.index] = format_path(path)
-                targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index],
-                                              lookup(into, path) if into is not None else None)
+                try:
+                    targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index],
+                                                  lookup(into, path) if into is not None else None)
+                except (MemoryError, RuntimeError) as exc:  # torch reports allocation failures as RuntimeError
+                    if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                        raise
+                    raise InsufficientMemoryError(
+                        f"step {step}: allocating {labels[ref.index]} "
+                        f"({manifest.tensors[ref.index].nbytes} bytes) failed: {exc}") from exc
             return ref
 
         map_tensors(tree, place)
@@ -449,6 +459,17 @@ class Store:
         if not self.backend.exists(key):
             raise StepNotFoundError(step, self.url)
         self.backend.delete(key)
+
+
+def _check_fits(step: int | str, nbytes: int) -> None:
+    """Raise InsufficientMemoryError when a load of `nbytes` cannot fit in RAM plus swap."""
+    from ckptstore.sysmem import machine_memory_bytes
+
+    limit = machine_memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise InsufficientMemoryError(
+            f"step {step} holds {nbytes} bytes of tensors, more than this machine's memory "
+            f"({limit} bytes of RAM and swap); load(into=...) fills existing tensors instead")
 
 
 def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)

@@ -289,3 +289,45 @@ def test_ref_replaced_between_head_and_read_is_a_conflict_not_a_clobber(store_ur
     assert backend.fired
     stored = read_ref(inner, key)
     assert stored is not None and stored[0].commit_id == intruder.commit_id, "the winner must not be clobbered"
+
+
+def test_a_load_larger_than_the_machine_is_refused_before_allocating(memory_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """Declared sizes are checked against RAM + swap before any tensor is allocated;
+    load(into=...) allocates nothing and is not limited."""
+    import torch
+
+    import ckptstore
+    from ckptstore import sysmem, tensors
+
+    store = ckptstore.open(memory_url)
+    state = {"w": torch.arange(4096, dtype=torch.float32)}
+    store.save(1, state)
+    allocated: list[str] = []
+    real_allocate = tensors.allocate
+    monkeypatch.setattr(tensors, "allocate", lambda *a, **k: allocated.append(a[1]) or real_allocate(*a, **k))
+    monkeypatch.setattr(sysmem, "machine_memory_bytes", lambda: 16 * 1024 - 1)
+    with pytest.raises(ckptstore.InsufficientMemoryError, match="16384 bytes"):
+        store.load(1)
+    assert allocated == []
+    target = {"w": torch.zeros(4096)}
+    assert torch.equal(store.load(1, into=target)["w"], state["w"])
+    monkeypatch.setattr(sysmem, "machine_memory_bytes", lambda: 16 * 1024)
+    assert torch.equal(store.load(1)["w"], state["w"])
+
+
+def test_a_failed_allocation_is_a_typed_error(memory_url: str, monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    import ckptstore
+    from ckptstore import tensors
+
+    store = ckptstore.open(memory_url)
+    store.save(1, {"w": torch.ones(8)})
+
+    def fail(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1125899906842624 bytes")
+
+    monkeypatch.setattr(tensors, "allocate", fail)
+    with pytest.raises(ckptstore.InsufficientMemoryError, match=r"state\['w'\]"):
+        store.load(1)
