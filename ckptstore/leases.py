@@ -9,9 +9,9 @@ Objects under locks/ (all small msgpack maps, see docs/FORMAT.md "Garbage collec
                                        changed only by compare-and-swap
 
 A lease is stale when it has not been refreshed for `ttl` seconds (its holder died); stale
-leases are ignored by gc and removed by `clear_stale_locks`. The gc lock is also treated as
-released at once when its holder ran on this machine and is gone (ckptstore.liveness), so a
-killed gc does not hold up saves for `ttl`.
+leases are ignored by gc and removed by `clear_stale_locks`. A lease or the gc lock whose
+holder ran on this machine and is gone (ckptstore.liveness) counts as released at once: a
+killed save does not make gc stand down, nor a killed gc hold up saves, for `ttl`.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class LockInfo:
     owner: str
     age_seconds: float  # since the last refresh (server time of the last write)
     stale: bool
+    holder_dead: bool = False  # written by a process of this machine that is gone (liveness.py)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -94,19 +95,21 @@ def list_locks(backend: Backend, *, ttl: float = DEFAULT_TTL, now: float | None 
     now = time.time() if now is None else now
     found = []
     for info in backend.list(keys.LOCKS):
-        owner = "?"
+        owner, dead = "?", False
         with contextlib.suppress(ObjectNotFoundError, FormatError):
-            owner = str(_unpack(backend.get_small(info.key, MAX_REF_BYTES).data, "lock").get("owner", "?"))
+            lock = _unpack(backend.get_small(info.key, MAX_REF_BYTES).data, "lock")
+            owner, dead = str(lock.get("owner", "?")), holder_is_dead(lock)
         age = max(0.0, now - info.modified)
         kind = _kind(info.key)
         stale = kind in (*LEASE_KINDS, "gc", "canary") and age > ttl
-        found.append(LockInfo(info.key, kind, owner, age, stale))
+        found.append(LockInfo(info.key, kind, owner, age, stale, dead))
     return found
 
 
 def fresh_leases(backend: Backend, *, ttl: float, now: float) -> list[LockInfo]:
-    """Save and load leases refreshed within `ttl`."""
-    return [lock for lock in list_locks(backend, ttl=ttl, now=now) if lock.kind in LEASE_KINDS and not lock.stale]
+    """Save and load leases refreshed within `ttl` whose holders are not provably dead."""
+    return [lock for lock in list_locks(backend, ttl=ttl, now=now)
+            if lock.kind in LEASE_KINDS and not lock.stale and not lock.holder_dead]
 
 
 class Lease:
@@ -124,7 +127,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _payload(self) -> bytes:
-        return _pack({"owner": self.owner, "refreshed": time.time()})
+        return _pack({"owner": self.owner, "refreshed": time.time(), **holder_fields()})
 
     def __enter__(self) -> Lease:
         try:

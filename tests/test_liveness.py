@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from ckptstore.liveness import holder_fields, holder_is_dead
 
@@ -44,3 +46,25 @@ def test_anything_uncertain_counts_as_alive() -> None:
                  {"owner": "old@host:1", "refreshed": 0.0, "pid": dead_pid},  # written before these fields
                  {**mine, "pid": "12"}, {**mine, "pid": True}, {**mine, "pid": -1}):
         assert not holder_is_dead(lock), lock
+
+
+def test_gc_ignores_the_lease_of_a_dead_saver_but_not_of_a_live_one(tmp_path: Path) -> None:
+    """A save SIGKILLed on this machine leaves a fresh lease; gc need not stand down for it
+    for the lease TTL (600 s here), while a running holder's lease still stops it."""
+    import torch
+
+    import ckptstore
+    from ckptstore.leases import _pack
+
+    store = ckptstore.open(tmp_path / "store")
+    store.save(1, {"w": torch.ones(4)})
+    store.delete(1)
+    live = {"owner": "me", "refreshed": time.time(), **holder_fields()}
+    store.backend.put("locks/save-0000000000000001", _pack(live))
+    report = store.gc(min_age=0)
+    assert not report.ran and report.blocking_leases == ["locks/save-0000000000000001"]
+
+    store.backend.put("locks/save-0000000000000001", _pack({**live, "pid": _exited_child(True)}))
+    report = store.gc(min_age=0)
+    assert report.ran and report.deleted_manifests == 1, report
+    assert [lock.holder_dead for lock in store.locks() if lock.kind == "save"] == [True]
