@@ -23,7 +23,7 @@ from ckptstore import keys
 from ckptstore.backends.base import OVERWRITE
 from ckptstore.commit import read_ref
 from ckptstore.errors import CkptStoreError, ObjectNotFoundError
-from ckptstore.leases import GC_LOCK, fresh_leases, gc_lock, gc_lock_payload, server_now, set_epoch
+from ckptstore.leases import GC_LOCK, fresh_leases, gc_lock, lock_payload, server_now, set_epoch
 
 if TYPE_CHECKING:
     from ckptstore.store import Store
@@ -139,7 +139,7 @@ def _sweep(store: Store, manifests: set[str], chunks: set[str], report: GCReport
                 except ObjectNotFoundError:
                     continue
                 if time.monotonic() - last_touch > ttl / 4:  # keep locks/gc fresh on long sweeps
-                    backend.put(GC_LOCK, gc_lock_payload(owner), mode=OVERWRITE)
+                    backend.put(GC_LOCK, lock_payload(owner), mode=OVERWRITE)
                     last_touch = time.monotonic()
             if is_chunk:
                 report.deleted_chunks += 1

@@ -90,6 +90,12 @@ def server_now(backend: Backend, probe_key: str) -> float:
         return time.time()
 
 
+def lock_payload(owner: str) -> bytes:
+    """The bytes of a lease or locks/gc: its owner, when it was refreshed, and who holds it
+    (liveness.py)."""
+    return _pack({"owner": owner, "refreshed": time.time(), **holder_fields()})
+
+
 def list_locks(backend: Backend, *, ttl: float = DEFAULT_TTL, now: float | None = None) -> list[LockInfo]:
     """Every object under locks/, with owner, age and staleness."""
     now = time.time() if now is None else now
@@ -127,7 +133,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _payload(self) -> bytes:
-        return _pack({"owner": self.owner, "refreshed": time.time(), **holder_fields()})
+        return lock_payload(self.owner)
 
     def __enter__(self) -> Lease:
         try:
@@ -205,11 +211,6 @@ def set_epoch(backend: Backend, *, running: bool, owner: str, swept_in: int | No
             continue
 
 
-def gc_lock_payload(owner: str) -> bytes:
-    """The bytes of locks/gc: its owner, when it was refreshed, and who holds it (liveness.py)."""
-    return _pack({"owner": owner, "refreshed": time.time(), **holder_fields()})
-
-
 def gc_lock_alive(backend: Backend, *, ttl: float) -> bool:
     """Whether a gc holds a fresh gc lock and is not provably dead (a process of this
     machine that is gone: then no one need wait `ttl` for its lock to go stale)."""
@@ -237,7 +238,7 @@ def wait_for_gc(backend: Backend, *, ttl: float, poll: float = 0.2) -> Epoch:
 @contextlib.contextmanager
 def gc_lock(backend: Backend, owner: str, *, ttl: float) -> Iterator[bool]:
     """Hold locks/gc for the block; yields False (holding nothing) if a live gc has it."""
-    payload = gc_lock_payload(owner)
+    payload = lock_payload(owner)
     try:
         backend.put(GC_LOCK, payload, mode=CREATE)
     except AlreadyExistsError:
