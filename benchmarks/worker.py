@@ -485,13 +485,19 @@ def op_s3tc_dcp_save(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def op_s3tc_dcp_load(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
     from s3torchconnector.dcp import S3StorageReader
 
     s3 = task["s3"]
-    target = empty_like_state(StateSpec.from_json(task["state"]))
     reader = S3StorageReader(region=s3["region"], path=f"s3://{s3['bucket']}/{s3['prefix']}",
                              s3client_config=_s3tc_config(task))
+    return _timed_dcp_load(task, clock, reader)
+
+
+def _timed_dcp_load(task: dict[str, Any], clock: Clock, reader: Any) -> dict[str, Any]:
+    """dcp.load through `reader` (built untimed) into a preallocated, untimed tree."""
+    import torch.distributed.checkpoint as dcp
+
+    target = empty_like_state(StateSpec.from_json(task["state"]))
 
     def load() -> Any:
         dcp.load(target, storage_reader=reader)
@@ -520,18 +526,10 @@ def op_fsspec_dcp_save(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def op_fsspec_dcp_load(task: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    target = empty_like_state(StateSpec.from_json(task["state"]))
     path, options = _fsspec_path_and_options(task)
-    reader = FsspecReader(path, **options)
-
-    def load() -> Any:
-        dcp.load(target, storage_reader=reader)
-        return target
-
-    return _timed_load(task, clock, load)
+    return _timed_dcp_load(task, clock, FsspecReader(path, **options))
 
 
 ZSTD = {"codec": "zstd"}
