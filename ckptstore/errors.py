@@ -24,6 +24,8 @@ The tree::
     ├── UnsupportedValueError         the state holds a value the format cannot represent
     │   └── StateConflictError        ranks of a distributed save passed states that cannot merge
     ├── DistributedSaveError          a rank of a distributed save died or timed out
+    ├── EpochContentionError          the gc epoch kept changing under a compare-and-swap
+    ├── GCLockLostError               a gc found that it no longer owns locks/gc (it stops)
     ├── IncompatibleStoresError       cp between stores with different hash algorithms
     ├── InteropError                  a foreign checkpoint (DCP, torch.save, safetensors) that cannot be converted
     └── StateMismatchError            load(into=...) found a tensor of another shape or dtype
@@ -213,3 +215,13 @@ class StateConflictError(UnsupportedValueError):
 class DistributedSaveError(CkptStoreError):
     """A collective of a distributed save failed: a rank died, or did not answer within the
     process group's timeout. Nothing was committed unless the message says so."""
+
+
+class EpochContentionError(CkptStoreError):
+    """The gc epoch (locks/epoch) changed under every one of a bounded number of
+    compare-and-swap attempts: something keeps rewriting it. Nothing was changed."""
+
+
+class GCLockLostError(CkptStoreError):
+    """A gc found that locks/gc is no longer the version it wrote (another gc or a waiting
+    save judged it dead and took or broke it): the gc stops before deleting anything more."""
