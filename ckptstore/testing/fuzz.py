@@ -85,19 +85,41 @@ def targets() -> dict[str, Callable[[bytes], object]]:
 
 @dataclass
 class Tally:
-    """Outcomes of one target's inputs."""
+    """Outcomes of one target's inputs.
+
+    `mutants` counts the inputs the mutate engine made (not the seeds it replays first, which
+    always decode), `mutants_decoded` those of them that decoded and differ from every seed;
+    `raise_sites` counts where the typed errors
+    were raised ("manifest.py:412"), so a run whose mutants all die at one check shows it.
+    """
 
     inputs: int = 0
     decoded: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     slowest: float = 0.0
+    mutants: int = 0
+    mutants_decoded: int = 0
+    raise_sites: Counter[str] = field(default_factory=Counter)
 
     def as_json(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "decoded": self.decoded, "errors": dict(self.errors), "slowest": self.slowest}
+        return {"inputs": self.inputs, "decoded": self.decoded, "errors": dict(self.errors), "slowest": self.slowest,
+                "mutants": self.mutants, "mutants_decoded": self.mutants_decoded,
+                "raise_sites": dict(self.raise_sites)}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Tally:
-        return cls(obj["inputs"], obj["decoded"], Counter(obj["errors"]), obj["slowest"])
+        return cls(obj["inputs"], obj["decoded"], Counter(obj["errors"]), obj["slowest"], obj["mutants"],
+                   obj["mutants_decoded"], Counter(obj["raise_sites"]))
+
+
+def _raise_site(exc: BaseException) -> str:
+    """"file.py:line" of the innermost frame of `exc`'s traceback: where it was raised."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
 def run_one(name: str, decode: Callable[[bytes], object], data: bytes, tally: Tally) -> None:
@@ -111,6 +133,7 @@ def run_one(name: str, decode: Callable[[bytes], object], data: bytes, tally: Ta
         tally.decoded += 1
     except CkptStoreError as exc:
         tally.errors[type(exc).__name__] += 1
+        tally.raise_sites[_raise_site(exc)] += 1
     except _Hang:
         raise UntypedError(name, data, f"no result after {HANG_SECONDS} s (hang)") from None
     except Exception as exc:  # this is what the fuzzer looks for
@@ -287,23 +310,29 @@ def fuzz_mutate(name: str, inputs: int, seed: int) -> Tally:
         raise _Hang
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
+    replays = len(pool)  # the valid seeds go first, unmutated
+    originals = set(pool)
     try:
         for i in range(inputs):
-            base = rng.choice(pool)
-            if i < len(pool):
+            mutated = i >= replays
+            if not mutated:
                 data = pool[i]
             elif name == "chunk" or rng.random() < 0.7:
-                data = mutate(rng, base, pool)
+                data = mutate(rng, rng.choice(pool), pool)
             else:
-                data = random_structure(rng, name, base)
+                data = random_structure(rng, name, rng.choice(pool))
             decoded = tally.decoded
             signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
             try:
                 run_one(name, decode, data, tally)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            if len(pool) < 512 and tally.decoded > decoded and rng.random() < 0.2:
-                pool.append(data)  # a mutant that still decodes is a good base for more
+            if mutated:
+                tally.mutants += 1
+                # A mutant identical to a seed (an edit undone by the next) proves nothing.
+                tally.mutants_decoded += tally.decoded - decoded if data not in originals else 0
+                if len(pool) < 512 and tally.decoded > decoded and rng.random() < 0.2:
+                    pool.append(data)  # a mutant that still decodes is a good base for more
     finally:
         signal.signal(signal.SIGALRM, previous)
     return tally
