@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -316,15 +317,37 @@ def test_non_transient_errors_are_not_retried() -> None:
     assert sleeps == [] and faulty.calls == [("get", "missing"), ("put", "k"), ("put", "k")]
 
 
-def test_deadline_stops_retrying() -> None:
-    # Each try takes 0.1 s, then fails: with a 0.35 s deadline the fourth try is the last.
-    failing = FaultInjectingBackend(MemoryBackend(uuid.uuid4().hex), [Fault("put", times=None)])
-    slow = FaultInjectingBackend(failing, [Fault("put", action="delay", seconds=0.1, times=None)])
-    retrying = RetryingBackend(slow, attempts=100, deadline=0.35, sleep=lambda s: None)
-    with pytest.raises(TransientError, match=r"gave up after \d+ attempts") as caught:
+class TickingFailures(ForwardingBackend):
+    """Every put takes `seconds` on `clock` (a fake monotonic clock), then fails transiently."""
+
+    def __init__(self, inner: Backend, clock: list[float], seconds: float):
+        super().__init__(inner)
+        self.clock, self.seconds, self.tries = clock, seconds, 0
+
+    def put(self, key: str, data: Any, *, mode: PutMode = OVERWRITE) -> str:
+        self.tries += 1
+        self.clock[0] += self.seconds
+        raise TransientError("injected: slow and failing", key=key, operation="put")
+
+
+def test_deadline_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The retry layer reads the time through a fake clock that only the tries (0.1 s each) and
+    # the backoff sleeps it asks for move: no wall time is involved.
+    clock = [1000.0]
+    monkeypatch.setattr("ckptstore.retry.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    failing = TickingFailures(MemoryBackend(uuid.uuid4().hex), clock, 0.1)
+    retrying = RetryingBackend(failing, attempts=100, base_delay=0.01, max_delay=0.01, deadline=0.35, sleep=sleep)
+    with pytest.raises(TransientError, match=r"gave up after 4 attempts"):
         retrying.put("k", b"v")
-    assert 2 <= caught.value.attempts <= 4  # type: ignore[attr-defined]  # 4 unless the machine stalls
-    assert len(failing.calls) == caught.value.attempts  # type: ignore[attr-defined]
+    # Tries end at 0.1, 0.2 + s1, 0.3 + s1 + s2 (< 0.35, as each backoff s is at most 0.01 s) and
+    # 0.4 + ...: the fourth is the last, and only the three before it asked for a backoff.
+    assert failing.tries == 4 and len(sleeps) == 3 and all(0.005 <= s <= 0.01 for s in sleeps)
 
 
 def test_conditional_retry_reports_a_real_conflict() -> None:
