@@ -285,10 +285,14 @@ class LocalBackend(Backend):
                 version = self._current_version(os.path.join(self.root, *key.split("/"))) or version
             yield ObjectInfo(key, st.st_size, version, st.st_mtime)
 
-    def cleanup_staging(self, min_age: float) -> int:
-        """Remove staging files older than `min_age` seconds (left by crashed puts); return how many."""
+    def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
+        """Remove staging files older than `min_age` seconds (left by crashed puts); return how many.
+
+        `now` is the current time by the server's clock as the caller measured it; None uses
+        `time.time()`, which is right here: the file mtimes come from this machine's kernel.
+        """
         removed = 0
-        cutoff = time.time() - min_age
+        cutoff = (time.time() if now is None else now) - min_age
         try:
             entries = list(os.scandir(self._tmp))
         except FileNotFoundError:

@@ -2,6 +2,12 @@
 
 Stores opened with the same name in one process share their objects, so tests can open a
 store twice. Versions are a process-wide counter, so every put mints a new one.
+
+Server clock: an object's `modified` time is stamped by `_server_clock`, a module-level
+reference to `time.time` taken at import. It stands for the *server's* clock, separate from
+the client's: a test that skews the client (`monkeypatch.setattr(time, "time", ...)`) leaves
+the stamps alone, and a test moves the server's clock on its own with
+`monkeypatch.setattr(ckptstore.backends.memory, "_server_clock", fake)`.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
 from ckptstore.errors import AlreadyExistsError, ObjectNotFoundError, PreconditionFailedError
@@ -18,6 +24,9 @@ from ckptstore.keys import validate_key
 _SPACES: dict[str, dict[str, tuple[bytes, str, float]]] = {}
 _SPACES_LOCK = threading.Lock()
 _VERSIONS = itertools.count(1)
+#: The "server's" clock (module docstring): captured here, so patching `time.time` misses it.
+_server_clock: Callable[[], float] = time.time
+
 
 
 class MemoryBackend(Backend):
@@ -59,7 +68,7 @@ class MemoryBackend(Backend):
                     key=key, operation="put update-if-version",
                 )
             version = str(next(_VERSIONS))
-            self._objects[key] = (payload, version, time.time())
+            self._objects[key] = (payload, version, _server_clock())
         return version
 
     def head(self, key: str) -> ObjectInfo:

@@ -336,12 +336,17 @@ class S3Backend(Backend):
                     self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
                 raise
 
-    def cleanup_staging(self, min_age: float) -> int:
+    def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
         """Abort multipart uploads under this prefix started more than `min_age` seconds ago
-        (a killed save leaves them; they are invisible to listings and cost storage)."""
+        (a killed save leaves them; they are invisible to listings and cost storage).
+
+        `now` is the current time by the server's clock (gc passes the server time it
+        measured); an upload's `Initiated` is a server timestamp, so comparing it with this
+        machine's clock (`now=None`) misjudges ages by the clock skew.
+        """
         aborted = 0
         prefix = f"{self.prefix}/" if self.prefix else ""
-        cutoff = time.time() - min_age
+        cutoff = (time.time() if now is None else now) - min_age
         with translate_errors(prefix, "cleanup_staging"):
             paginator = self._client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):

@@ -177,12 +177,13 @@ class RetryingBackend(Backend):
         self._retrying("delete", key, lambda _: self.inner.delete(key))
 
     # -- the rest ---------------------------------------------------------------------------
-    def cleanup_staging(self, min_age: float) -> int:
-        """The inner backend's crash-leftover cleanup (gc calls it), retried; 0 if it has none."""
+    def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
+        """The inner backend's crash-leftover cleanup (gc calls it with the server's `now`),
+        retried; 0 if it has none."""
         cleanup = getattr(self.inner, "cleanup_staging", None)
         if not callable(cleanup):
             return 0
-        return self._retrying("cleanup_staging", "", lambda _: int(cleanup(min_age)))
+        return self._retrying("cleanup_staging", "", lambda _: int(cleanup(min_age, now=now)))
 
     def close(self) -> None:
         self.inner.close()

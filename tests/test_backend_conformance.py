@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import ckptstore.backends.memory
 from ckptstore.backends.base import PutMode
 from ckptstore.backends.local import TMP_DIR, LocalBackend
 from ckptstore.backends.memory import MemoryBackend, drop_memory_space
@@ -48,6 +50,19 @@ class TestMemoryBackend(BackendConformance):
             assert list(MemoryBackend(other).list("")) == []
         finally:
             drop_memory_space(other)
+
+    def test_modified_comes_from_the_server_clock_not_the_clients(
+        self, backend: MemoryBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)  # the client's clock is skewed
+        backend.put("clock/a", b"x")
+        assert abs(backend.head("clock/a").modified - real_time()) < 60
+        monkeypatch.setattr(ckptstore.backends.memory, "_server_clock", lambda: 1234.5)  # the server's moves
+        backend.put("clock/b", b"y")
+        assert backend.head("clock/b").modified == 1234.5
+        assert [i.modified for i in backend.list("clock/b")] == [1234.5]
+        assert abs(backend.head("clock/a").modified - real_time()) < 60
 
 
 def _files_under(path: Path) -> set[Path]:
@@ -200,6 +215,25 @@ class TestLocalBackendOnly:
             winners, _ = suite.split_race(suite.race(update), PreconditionFailedError)
             assert len(winners) == 1
             assert LocalBackend(root).get("shared").data == f"{winners[0]}/{round_}".encode()
+
+    def test_cleanup_staging_ages_by_the_given_now(
+        self, root: Path, backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend.put("a", b"x")  # creates tmp/
+        crashed = root / TMP_DIR / f"{uuid.uuid4().hex}.tmp"
+        crashed.write_bytes(b"torn")
+        fresh_mtime = crashed.stat().st_mtime
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+        assert backend.cleanup_staging(600, now=fresh_mtime + 1) == 0  # the skewed clock is not used
+        assert crashed.exists()
+        assert backend.cleanup_staging(600, now=fresh_mtime + 601) == 1
+        assert not crashed.exists()
+        monkeypatch.setattr(time, "time", real_time)
+        crashed.write_bytes(b"torn again")
+        assert backend.cleanup_staging(600) == 0  # now=None: this machine's clock, which stamped it
+        os.utime(crashed, (real_time() - 700, real_time() - 700))
+        assert backend.cleanup_staging(600) == 1
 
     def test_objects_are_plain_files_at_key_paths(self, root: Path, backend: LocalBackend) -> None:
         backend.put("chunks/ab/abcdef", b"payload")

@@ -3,6 +3,7 @@ AWS_ENDPOINT_URL names, e.g. MinIO from docker-compose)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,26 @@ def test_conditional_request_conflict_is_retried(backend: S3Backend, monkeypatch
     backend.put("refs/steps/9", b"v", mode=CREATE)
     assert len(calls) == 3 and all(c.get("IfNoneMatch") == "*" for c in calls)
     assert backend.get("refs/steps/9").data == b"v"
+
+
+def _open_uploads(s3_server: S3Server, bucket: str) -> list[str]:
+    return [u["UploadId"] for u in s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
+
+
+def test_cleanup_staging_judges_upload_age_by_the_given_server_time(
+    backend: S3Backend, s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client clock an hour ahead must not make a fresh multipart upload look abandoned."""
+    upload = s3_server.client().create_multipart_upload(Bucket=s3_bucket, Key="runs/exp-1/chunks/fresh")["UploadId"]
+    backend.put("locks/probe", b"x")
+    server_now = backend.head("locks/probe").modified  # the server's clock, as gc measures it
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    assert backend.cleanup_staging(600, now=server_now) == 0
+    assert upload in _open_uploads(s3_server, s3_bucket)
+    # `now` is what the upload's age is measured against: ten minutes later by the server it goes.
+    assert backend.cleanup_staging(600, now=server_now + 605) == 1
+    assert upload not in _open_uploads(s3_server, s3_bucket)
 
 
 def test_store_on_s3_url_passes_the_canary(s3_bucket: str) -> None:

@@ -233,8 +233,9 @@ class FaultInjectingBackend(ForwardingBackend):
     def delete(self, key: str) -> None:
         self._run("delete", key, lambda _: self.inner.delete(key))
 
-    def cleanup_staging(self, min_age: float) -> int:
-        return self._run("cleanup_staging", "", lambda _: ForwardingBackend.cleanup_staging(self, min_age))
+    def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
+        return self._run("cleanup_staging", "",
+                         lambda _: ForwardingBackend.cleanup_staging(self, min_age, now=now))
 
     def __getattr__(self, name: str) -> Any:
         # Backend-specific extras (e.g. S3's multipart cleanup) stay reachable through the wrapper.

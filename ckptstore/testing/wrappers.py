@@ -45,9 +45,9 @@ class ForwardingBackend(Backend):
     def close(self) -> None:
         self.inner.close()
 
-    def cleanup_staging(self, min_age: float) -> int:
+    def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
         cleanup = getattr(self.inner, "cleanup_staging", None)
-        return int(cleanup(min_age)) if callable(cleanup) else 0
+        return int(cleanup(min_age, now=now)) if callable(cleanup) else 0
 
 
 class CountingBackend(ForwardingBackend):
