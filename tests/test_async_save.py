@@ -242,12 +242,14 @@ def _async_worker(rank: int, world: int, tmp: str, url: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
-    backend = SlowPutBackend(open_backend(url), prefix=keys.CHUNKS, delay=PUT_DELAY)
+    backend = GatedChunkPuts(open_backend(url))  # this rank's chunk puts wait until it returned
     store = ckptstore.Store(backend, chunking=CHUNKS)
     mine = {f"rank{rank}": torch.full((MiB // 4,), float(rank)), "step": 1}
     started = time.perf_counter()
     future = store.save_async(1, mine)
     returned = time.perf_counter() - started
+    at_return = {"uploaded": backend.finished, "done": future.done(), "steps": store.steps()}
+    backend.gate.set()
     mine[f"rank{rank}"].add_(7.0)  # training goes on
     # Training collectives on the default group while the save's collectives run on its own group.
     total = torch.tensor([float(rank)])
@@ -260,7 +262,8 @@ def _async_worker(rank: int, world: int, tmp: str, url: str) -> None:
     dcp.async_save({"x": torch.full((8,), 5.0)}, storage_writer=StoreWriter(store, 2)).result(timeout=120)
     dcp.load(dcp_state, storage_reader=StoreReader(store, 2))
     Path(tmp, f"async-{rank}.json").write_text(json.dumps({
-        "returned": returned, "done": done, "manifest": info.manifest, "all_reduce": total.item(),
+        "returned": returned, "done": done, "at_return": at_return, "waited_out": backend.waited_out,
+        "manifest": info.manifest, "all_reduce": total.item(),
         "loaded": {k: (v.tolist()[:2] if isinstance(v, torch.Tensor) else v) for k, v in loaded.items()},
         "dcp": dcp_state["x"].tolist()}))
     store.close()
@@ -291,7 +294,9 @@ def test_save_async_across_ranks(tmp_path: Path) -> None:
     for rep in reports:
         assert rep["all_reduce"] == 1.0
         assert rep["loaded"] == {"rank0": [0.0, 0.0], "rank1": [1.0, 1.0], "step": 1}  # the staged values
-        assert rep["returned"] < rep["done"]
+        # save_async returned before this rank uploaded anything (its chunk puts waited for a gate
+        # opened after the return), so nothing could be committed yet either.
+        assert rep["at_return"] == {"uploaded": 0, "done": False, "steps": []} and not rep["waited_out"]
         assert rep["dcp"] == [5.0] * 8
     assert ckptstore.open(url, create=False).steps() == [1, 2]
 

@@ -73,10 +73,15 @@ def test_du_reports_dedup_and_garbage(store_path: str, capsys: pytest.CaptureFix
     assert code == EXIT_OK
     store = ckptstore.open(store_path)
     manifests = {s: store.info(s).manifest for s in (100, 200, 300)}
-    assert du["steps"] == 3 and du["logical_bytes"] == sum(m.logical_bytes for m in manifests.values())
+    # Known from the fixture, not from the report: each step holds float32 "w" (4096, the same
+    # tensor in every step) and "m" (600), i.e. 4 chunks of "w" shared by all and one of "m" each.
+    logical = 3 * (4096 + 600) * 4
+    chunk_files = [p.stat().st_size for p in Path(store_path, "chunks").rglob("*") if p.is_file()]
+    assert len(chunk_files) == 4 + 3
+    assert du["steps"] == 3 and du["logical_bytes"] == logical
     distinct = {c.digest: c.stored_size for m in manifests.values() for c in m.chunks}
-    assert du["referenced_chunks"] == len(distinct) and du["referenced_chunk_bytes"] == sum(distinct.values())
-    assert du["dedup_ratio"] == pytest.approx(du["logical_bytes"] / du["referenced_chunk_bytes"])
+    assert du["referenced_chunks"] == len(distinct) == 7 and du["referenced_chunk_bytes"] == sum(chunk_files)
+    assert du["dedup_ratio"] == pytest.approx(logical / sum(chunk_files))
     assert du["garbage_objects"] == 0 and du["garbage_bytes"] == 0 and du["missing_objects"] == 0
     assert du["stored_chunk_bytes"] == sum(distinct.values())
 
