@@ -33,9 +33,15 @@ class PutMode:
     @staticmethod
     def update(version: str) -> PutMode:
         """Replace the object only if its current version is `version`."""
-        if not version:
-            raise ValueError("update-if-version needs the version returned by a read")
-        return PutMode("update", version)
+        return PutMode("update", require_version(version, "update-if-version"))
+
+
+def require_version(version: str, what: str = "delete-if-version") -> str:
+    """`version`, refused (ValueError) when it is empty: a conditional operation needs the
+    version a read returned, and an empty one must never pass for "no condition"."""
+    if not version:
+        raise ValueError(f"{what} needs the version returned by a read")
+    return version
 
 
 PutMode.OVERWRITE = OVERWRITE = PutMode("overwrite")
@@ -76,6 +82,11 @@ class Backend(abc.ABC):
     - Every successful put returns the new version, and a rewrite of identical bytes still
       yields a version a stale writer cannot match (callers make payloads unique).
     - Reads raise ObjectNotFoundError for a missing key; delete of a missing key is a no-op.
+    - `delete(key, version=v)` removes the key only if it exists at exactly version `v`: at
+      another version it raises PreconditionFailedError and leaves the object; a missing key
+      is a no-op. A delete that landed and is then retried (by an SDK or `RetryingBackend`)
+      after the key was re-created therefore leaves the new object alone (S3 ETags are content
+      hashes, so there only where the new object's bytes differ; callers make them unique).
     - `list(prefix)` yields every key starting with `prefix`, exactly once. Local, memory,
       GCS and AWS S3 yield lexicographic order; some S3-compatible servers (SeaweedFS) do
       not, so callers that need an order sort.
@@ -125,8 +136,12 @@ class Backend(abc.ABC):
         """Every object whose key starts with `prefix` (order: see the class docstring)."""
 
     @abc.abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove `key`; a missing key is not an error."""
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        """Remove `key`; a missing key is not an error.
+
+        With `version` (one returned by a read or put), remove it only if it is still at that
+        version; raises PreconditionFailedError (and leaves it) if it is at another one.
+        """
 
     def get_small(self, key: str, limit: int) -> GetResult:
         """A small object (ref, marker, lock) and its version, never reading more than `limit` + 1

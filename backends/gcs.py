@@ -10,6 +10,9 @@ Put modes on the wire:
 - update-if-version: simple upload with `ifGenerationMatch=<generation>` (412 = another
   generation, or no object);
 - overwrite: upload without a precondition.
+Delete-if-version is a delete with `ifGenerationMatch=<generation>` (412 = another
+generation: PreconditionFailedError, unless a head then finds no object; 404 = nothing to
+delete). fake-gcs-server 1.54 ignores that precondition and deletes anyway; real GCS honours it.
 Simple uploads hold at most `SIMPLE_UPLOAD_LIMIT` (8 MiB) bytes; anything larger goes up as a
 resumable upload. GCS enforces preconditions on resumable uploads, but emulators do not
 (fake-gcs-server 1.54 ignores them), so create-only is only *guaranteed* for single-request
@@ -39,7 +42,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.backends.parts import PartsReader
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -488,13 +491,30 @@ class GCSBackend(Backend):
             )
         return self._generation_of(blob, key, operation)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         blob = self._blob(key)
+        operation = "delete" if version is None else "delete if-version"
+        condition: int | None = None
+        if version is not None:
+            require_version(version)
+            if not _GENERATION.fullmatch(version):
+                # Not a generation GCS could have minted, so not the current one (and an
+                # unchecked "0" would mean "only if absent").
+                if self.exists(key):
+                    raise PreconditionFailedError("not a GCS generation", key=key, operation=operation)
+                return
+            condition = int(version)
         try:
-            with self._errors(key, "delete"):
-                blob.delete(timeout=self._timeout, retry=self._retry)
+            with self._errors(key, operation):
+                # The library retries the delete; a retry after a lost response finds the
+                # object gone (404, below) or, if it was re-created meanwhile, at another
+                # generation (412): the new object is never touched.
+                blob.delete(if_generation_match=condition, timeout=self._timeout, retry=self._retry)
         except ObjectNotFoundError:
             return  # missing (or deleted by our own first attempt before a retry)
+        except PreconditionFailedError:
+            if self.exists(key):
+                raise
 
     def close(self) -> None:
         if self._owns_client:

@@ -6,7 +6,10 @@ Every put writes a staging file in `<root>/tmp/`, fsyncs it, then publishes it:
 - update-if-version: under a per-key `fcntl.flock`, compare the key's current version,
   then `os.replace`.
 and finally fsyncs the key's directory, so a crash leaves either the old object or the new
-one, never a torn file. Deletes take the same per-key lock so they serialize with updates.
+one, never a torn file. Deletes take the same per-key lock so they serialize with updates;
+a delete-if-version compares the key's current version under it exactly as an
+update-if-version put does, then unlinks and fsyncs the directory. (Overwrite puts, which the
+store never uses, do not take the lock, so they are not ordered against either.)
 
 A version is the file's inode, mtime (ns) and size, plus a content hash for files up to
 64 KiB: inode numbers are reused after a delete, and refs (small, unique payloads) must
@@ -29,7 +32,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -305,9 +308,18 @@ class LocalBackend(Backend):
                         removed += 1
         return removed
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         path = self._path(key)
-        with _translate(key, "delete"), self._key_lock(key):
+        operation = "delete" if version is None else "delete if-version"
+        if version is not None:
+            require_version(version)
+        with _translate(key, operation), self._key_lock(key):
+            if version is not None:
+                current = self._current_version(path)
+                if current is None:
+                    return
+                if current != version:
+                    raise PreconditionFailedError("version changed", key=key, operation=operation)
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.errors import AlreadyExistsError, ObjectNotFoundError, PreconditionFailedError
 from ckptstore.keys import validate_key
 
@@ -26,7 +26,6 @@ _SPACES_LOCK = threading.Lock()
 _VERSIONS = itertools.count(1)
 #: The "server's" clock (module docstring): captured here, so patching `time.time` misses it.
 _server_clock: Callable[[], float] = time.time
-
 
 
 class MemoryBackend(Backend):
@@ -82,10 +81,17 @@ class MemoryBackend(Backend):
         for key, (data, version, modified) in snapshot:
             yield ObjectInfo(key, len(data), version, modified)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         validate_key(key)
+        if version is not None:
+            require_version(version)
         with self._lock:
-            self._objects.pop(key, None)
+            current = self._objects.get(key)
+            if current is None:
+                return
+            if version is not None and current[1] != version:
+                raise PreconditionFailedError("version changed", key=key, operation="delete if-version")
+            del self._objects[key]
 
 
 def drop_memory_space(name: str) -> None:

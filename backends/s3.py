@@ -6,6 +6,10 @@ Put modes on the wire:
   when the key vanished = precondition failed; 409 ConditionalRequestConflict = another
   conditional write in flight: retried, then precondition failed);
 - overwrite: plain PutObject.
+Delete-if-version is DeleteObject with `If-Match: <ETag as returned>`. A 412 means another
+ETag *or* no object (SeaweedFS 4.48 answers If-Match on a missing key with 412, AWS with 404),
+so a 412 is followed by a head: absent = the no-op the contract asks for, present =
+PreconditionFailedError.
 Objects above `multipart_threshold` go up as multipart uploads, unconditionally: only
 content-addressed chunks are that large, and conditional multipart completion is not
 atomic on every server (SeaweedFS). The store relies on conditional puts only for refs and
@@ -26,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.backends.parts import PartsReader
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -358,9 +362,40 @@ class S3Backend(Backend):
                             aborted += 1
         return aborted
 
-    def delete(self, key: str) -> None:
-        with translate_errors(key, "delete"):
-            self._client.delete_object(Bucket=self.bucket, Key=self._name(key))
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        name = self._name(key)
+        if version is None:
+            with translate_errors(key, "delete"):
+                self._client.delete_object(Bucket=self.bucket, Key=name)
+            return
+        operation = "delete if-version"
+        require_version(version)
+        if version.strip() == "*":  # If-Match: * would delete whatever is there
+            if self.exists(key):
+                raise PreconditionFailedError("not an ETag", key=key, operation=operation)
+            return
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                with translate_errors(key, operation):
+                    try:
+                        self._client.delete_object(Bucket=self.bucket, Key=name, IfMatch=version)
+                        return
+                    except Exception as exc:
+                        code, status = _error_code(exc)
+                        if status == 409 or code == "ConditionalRequestConflict":  # as in put
+                            if attempt < _CONFLICT_RETRIES:
+                                time.sleep(0.05 * 2**attempt)
+                                continue
+                            raise PreconditionFailedError("concurrent conditional write", key=key,
+                                                          operation=operation) from exc
+                        raise
+            except ObjectNotFoundError:
+                return  # AWS and moto: 404 for a missing key (or for our own retried delete)
+            except PreconditionFailedError:
+                if self.exists(key):  # 412 is also SeaweedFS's answer for a missing key
+                    raise
+                return
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for client in {id(c): c for c in (self._client, self._data_client)}.values():

@@ -8,6 +8,10 @@ is raised, saying how many attempts were made. Every other error passes straight
 Why retrying every operation is safe:
 - Reads, lists, deletes and overwrite puts are idempotent. A list that fails half-way is
   listed again from the start, skipping keys already yielded.
+- A delete-if-version whose try landed finds the object absent on its retry: a no-op, so
+  it succeeds. If the key was re-created in between, the retry raises
+  PreconditionFailedError and the new object stays; that error, like every non-transient
+  one, is never retried.
 - Content-addressed puts (chunks, manifests) write the same bytes under the same key, however
   often they land.
 - A *conditional* put (create-only, update-if-version) that failed transiently may have
@@ -173,8 +177,8 @@ class RetryingBackend(Backend):
             return None
         return current.version if current.data == ours else None
 
-    def delete(self, key: str) -> None:
-        self._retrying("delete", key, lambda _: self.inner.delete(key))
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        self._retrying("delete", key, lambda _: self.inner.delete(key, version=version))
 
     # -- the rest ---------------------------------------------------------------------------
     def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from ckptstore.backends.base import CREATE, OVERWRITE
-from ckptstore.backends.local import LocalBackend
+from ckptstore.backends.base import CREATE, OVERWRITE, Backend
+from ckptstore.backends.local import TMP_DIR, LocalBackend
 from ckptstore.backends.memory import MemoryBackend
-from ckptstore.errors import ObjectNotFoundError, PermissionDeniedError, TransientError
+from ckptstore.errors import ObjectNotFoundError, PermissionDeniedError, PreconditionFailedError, TransientError
+from ckptstore.retry import RetryingBackend
 from ckptstore.testing.faults import Fault, FaultInjectingBackend
+from ckptstore.testing.wrappers import CountingBackend, GatedDeleteBackend, SlowDeleteBackend
 
 
 def memory() -> MemoryBackend:
@@ -209,6 +211,64 @@ def test_cleanup_staging_and_backend_attributes_are_forwarded(tmp_path: Path) ->
     assert backend.cleanup_staging(0) == 0
     assert backend.url == inner.url and backend.needs_canary == inner.needs_canary
     assert backend.root == inner.root  # a LocalBackend attribute, read through the wrapper
+
+
+_WRAPPERS = {
+    "faults": lambda inner: FaultInjectingBackend(inner),
+    "retrying": lambda inner: RetryingBackend(inner),
+    "counting": lambda inner: CountingBackend(inner),
+    "gated": lambda inner: GatedDeleteBackend(inner, key="k", gate=_open_gate()),
+    "slow": lambda inner: SlowDeleteBackend(inner, delay=0),
+}
+
+
+def _open_gate() -> threading.Event:
+    gate = threading.Event()
+    gate.set()
+    return gate
+
+
+@pytest.mark.parametrize("wrapper", sorted(_WRAPPERS))
+def test_wrappers_forward_delete_if_version_and_server_time(tmp_path: Path, wrapper: str) -> None:
+    inner = LocalBackend(str(tmp_path / "store"))
+    backend: Backend = _WRAPPERS[wrapper](inner)
+    old = backend.put("k", b"one")
+    current = backend.put("k", b"two")
+    with pytest.raises(PreconditionFailedError):
+        backend.delete("k", version=old)
+    assert inner.get("k").data == b"two"
+    backend.delete("k", version=current)
+    assert not inner.exists("k")
+    # cleanup_staging gets the caller's (server) time, not the wrapper's clock.
+    leftover = tmp_path / "store" / TMP_DIR / "crashed.tmp"
+    leftover.write_bytes(b"torn")
+    os.utime(leftover, (1000.0, 1000.0))
+    assert backend.cleanup_staging(600, now=1500.0) == 0  # 500 s old by that clock
+    assert leftover.exists()
+    assert backend.cleanup_staging(600, now=1700.0) == 1
+    assert not leftover.exists()
+
+
+def test_retried_conditional_delete_that_landed_is_a_noop() -> None:
+    inner = FaultInjectingBackend(memory(), [Fault("delete", action="apply_then_fail")])
+    backend = RetryingBackend(inner, sleep=lambda _: None)
+    version = backend.put("refs/steps/1", b"commit a")
+    backend.delete("refs/steps/1", version=version)  # landed, reported failed, retried: absent
+    assert not backend.exists("refs/steps/1")
+    assert [op for op, _ in inner.calls].count("delete") == 2
+
+
+def test_retried_conditional_delete_spares_an_object_recreated_in_between() -> None:
+    """The delete lands, the caller is told it failed, the step is committed again, then the
+    retry runs: it must fail (PreconditionFailedError, not retried) and leave the new commit."""
+    inner = FaultInjectingBackend(memory(), [Fault("delete", action="apply_then_fail")])
+    recommit = lambda _: inner.put("refs/steps/1", b"commit b", mode=CREATE)  # noqa: E731
+    backend = RetryingBackend(inner, sleep=recommit)
+    version = backend.put("refs/steps/1", b"commit a")
+    with pytest.raises(PreconditionFailedError):
+        backend.delete("refs/steps/1", version=version)
+    assert backend.get("refs/steps/1").data == b"commit b"
+    assert [op for op, _ in inner.calls].count("delete") == 2
 
 
 _CHILD = """

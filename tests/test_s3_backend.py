@@ -146,6 +146,63 @@ def test_conditional_request_conflict_is_retried(backend: S3Backend, monkeypatch
     assert backend.get("refs/steps/9").data == b"v"
 
 
+def test_server_honours_if_match_on_delete(s3_server: S3Server, s3_bucket: str) -> None:
+    """The wire facts delete-if-version stands on (docs/INTEGRATION.md), with a raw client."""
+    client = s3_server.client()
+    old = client.put_object(Bucket=s3_bucket, Key="cdel/k", Body=b"one")["ETag"]
+    current = client.put_object(Bucket=s3_bucket, Key="cdel/k", Body=b"two")["ETag"]
+    with pytest.raises(Exception) as stale:
+        client.delete_object(Bucket=s3_bucket, Key="cdel/k", IfMatch=old)
+    assert _wire_error(stale.value) == ("PreconditionFailed", 412)
+    assert client.get_object(Bucket=s3_bucket, Key="cdel/k")["Body"].read() == b"two"
+    client.delete_object(Bucket=s3_bucket, Key="cdel/k", IfMatch=current)
+    with pytest.raises(Exception) as missing:
+        client.delete_object(Bucket=s3_bucket, Key="cdel/k", IfMatch=current)
+    # SeaweedFS 4.48: 412 (the backend then heads the key); AWS and moto: 404 NoSuchKey.
+    assert _wire_error(missing.value)[1] in (412, 404)
+
+
+def _wire_error(exc: BaseException) -> tuple[str, int]:
+    response = getattr(exc, "response", {})
+    return str(response["Error"]["Code"]), int(response["ResponseMetadata"]["HTTPStatusCode"])
+
+
+def test_delete_if_version_sends_the_etag_as_returned(backend: S3Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    version = backend.put("refs/steps/3", b"ref")
+    real_delete = backend._client.delete_object
+    calls: list[dict[str, Any]] = []
+
+    def recording_delete(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_delete(**kwargs)
+
+    monkeypatch.setattr(backend._client, "delete_object", recording_delete)
+    backend.delete("refs/steps/3", version=version)
+    assert [c.get("IfMatch") for c in calls] == [version] and version.startswith('"')
+    backend.delete("refs/steps/3")
+    assert "IfMatch" not in calls[-1]
+    backend.put("refs/steps/4", b"ref")
+    with pytest.raises(errors.PreconditionFailedError):
+        backend.delete("refs/steps/4", version="*")  # never sent: If-Match: * matches anything
+    assert len(calls) == 2 and backend.exists("refs/steps/4")
+
+
+def test_conditional_delete_conflict_is_retried(backend: S3Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    version = backend.put("refs/steps/5", b"ref")
+    real_delete = backend._client.delete_object
+    calls = []
+
+    def flaky_delete(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        if len(calls) < 3:
+            raise _client_error("ConditionalRequestConflict", 409)
+        return real_delete(**kwargs)
+
+    monkeypatch.setattr(backend._client, "delete_object", flaky_delete)
+    backend.delete("refs/steps/5", version=version)
+    assert len(calls) == 3 and not backend.exists("refs/steps/5")
+
+
 def _open_uploads(s3_server: S3Server, bucket: str) -> list[str]:
     return [u["UploadId"] for u in s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
 

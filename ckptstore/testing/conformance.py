@@ -467,6 +467,106 @@ class BackendConformance:
         backend.put("del/create", b"y", mode=PutMode.CREATE)
         assert backend.get("del/create").data == b"y"
 
+    # -- delete-if-version ---------------------------------------------------------------------
+
+    def test_delete_with_current_version_deletes(self, backend: Backend) -> None:
+        version = backend.put("cdel/obj", b"current")
+        backend.put("cdel/keep", b"neighbour")
+        backend.delete("cdel/obj", version=version)
+        assert not backend.exists("cdel/obj")
+        with pytest.raises(ObjectNotFoundError):
+            backend.get("cdel/obj")
+        backend.put("cdel/headed", b"read by head")
+        backend.delete("cdel/headed", version=backend.head("cdel/headed").version)
+        assert not backend.exists("cdel/headed")
+        assert self.keys_of(backend.list("cdel/")) == ["cdel/keep"]
+
+    def test_delete_with_stale_version_fails_and_keeps_the_object(self, backend: Backend) -> None:
+        v1 = backend.put("cdel/stale", b"one")
+        v2 = backend.put("cdel/stale", b"two")
+        assert v1 != v2
+        with pytest.raises(PreconditionFailedError):
+            backend.delete("cdel/stale", version=v1)
+        got = backend.get("cdel/stale")
+        assert (got.data, got.version) == (b"two", v2)
+        other = backend.put("cdel/other", b"another key's object")
+        with pytest.raises(PreconditionFailedError):
+            backend.delete("cdel/stale", version=other)
+        with pytest.raises(PreconditionFailedError):
+            backend.delete("cdel/stale", version="not-a-real-version")
+        assert backend.get("cdel/stale").version == v2
+        backend.delete("cdel/stale", version=v2)
+        assert not backend.exists("cdel/stale")
+
+    def test_delete_with_version_of_missing_key_is_noop(self, backend: Backend) -> None:
+        version = backend.put("cdel/gone", b"x")
+        backend.delete("cdel/gone", version=version)
+        backend.delete("cdel/gone", version=version)  # a retry after the first one landed
+        backend.delete("cdel/never", version=version)
+        backend.delete("cdel/never", version="not-a-real-version")
+        backend.delete("nowhere/at/all", version=version)
+        assert self.keys_of(backend.list("")) == []
+
+    def test_delete_with_empty_version_is_refused(self, backend: Backend) -> None:
+        backend.put("cdel/empty", b"x")
+        with pytest.raises(ValueError):
+            backend.delete("cdel/empty", version="")  # never mistaken for "no condition"
+        assert backend.exists("cdel/empty")
+
+    def test_delete_with_old_version_spares_a_recreated_object(self, backend: Backend) -> None:
+        """A delete that landed, a re-commit of the key, then a retry of the delete: the
+        retry must not remove the new object."""
+        old = backend.put("cdel/ref", b"commit 1")
+        backend.delete("cdel/ref", version=old)
+        new = backend.put("cdel/ref", b"commit 2", mode=PutMode.CREATE)
+        with pytest.raises(PreconditionFailedError):
+            backend.delete("cdel/ref", version=old)
+        got = backend.get("cdel/ref")
+        assert (got.data, got.version) == (b"commit 2", new)
+
+    def test_delete_with_old_version_spares_a_recreated_identical_object(self, backend: Backend) -> None:
+        """As above, with the same bytes re-created: only the version tells them apart."""
+        if not self.distinct_versions_for_identical_bytes:
+            pytest.skip("versions are content hashes on this backend")
+        payload = b"ref payload"
+        for round_ in range(5):
+            old = backend.put("cdel/reborn", payload)
+            backend.delete("cdel/reborn", version=old)
+            new = backend.put("cdel/reborn", payload, mode=PutMode.CREATE)
+            assert new != old, f"round {round_}: recreated object got the deleted one's version"
+            with pytest.raises(PreconditionFailedError):
+                backend.delete("cdel/reborn", version=old)
+            assert backend.get("cdel/reborn").version == new, f"round {round_}"
+            backend.delete("cdel/reborn", version=new)
+            assert not backend.exists("cdel/reborn")
+
+    def test_race_delete_and_update_from_one_version(self, backend: Backend) -> None:
+        """Half the threads delete at version v, half update from v: either one update wins
+        and every delete fails, or the object is deleted and every update fails."""
+        for round_ in range(self.race_rounds):
+            key = f"race/cdel/{round_:03d}"
+            base = backend.put(key, f"base {round_}".encode())
+
+            def contend(i: int, key: str = key, base: str = base, round_: int = round_) -> str | None:
+                if i % 2:
+                    backend.delete(key, version=base)
+                    return None
+                return backend.put(key, f"updater {i} round {round_}".encode(), mode=PutMode.update(base))
+
+            outcomes = self.race(contend)
+            winners, _ = self.split_race(outcomes, PreconditionFailedError)
+            updaters = [i for i in winners if i % 2 == 0]
+            deleters_ok = [i for i in winners if i % 2]
+            if updaters:
+                assert len(updaters) == 1, f"round {round_}: {len(updaters)} update winners"
+                assert not deleters_ok, f"round {round_}: deletes at a replaced version returned normally"
+                got = backend.get(key)
+                assert got.data == f"updater {updaters[0]} round {round_}".encode()
+                assert got.version == outcomes[updaters[0]][1]
+            else:
+                assert not backend.exists(key), f"round {round_}: no winner, yet the object stays"
+                assert deleters_ok, f"round {round_}: every delete and every update failed"
+
     # -- list ----------------------------------------------------------------------------------
 
     LIST_KEYS: tuple[str, ...] = (
@@ -587,6 +687,8 @@ class BackendConformance:
             backend.get_range(key, 0, 1)
         with pytest.raises(InvalidKeyError):
             backend.delete(key)
+        with pytest.raises(InvalidKeyError):
+            backend.delete(key, version="v")
         assert list(backend.list("")) == []
 
     def test_valid_key_characters(self, backend: Backend) -> None:

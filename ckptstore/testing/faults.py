@@ -230,8 +230,8 @@ class FaultInjectingBackend(ForwardingBackend):
         # Materialised so a fault fires at the call, not at some later iteration.
         return iter(self._run("list", prefix, lambda _: list(self.inner.list(prefix))))
 
-    def delete(self, key: str) -> None:
-        self._run("delete", key, lambda _: self.inner.delete(key))
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        self._run("delete", key, lambda _: self.inner.delete(key, version=version))
 
     def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:
         return self._run("cleanup_staging", "",

@@ -39,8 +39,8 @@ class ForwardingBackend(Backend):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return self.inner.list(prefix)
 
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
+    def delete(self, key: str, *, version: str | None = None) -> None:
+        self.inner.delete(key, version=version)
 
     def close(self) -> None:
         self.inner.close()
@@ -89,9 +89,9 @@ class CountingBackend(ForwardingBackend):
         self._count("list", prefix)
         return super().list(prefix)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         self._count("delete", key)
-        super().delete(key)
+        super().delete(key, version=version)
 
 
 class SlowPutBackend(ForwardingBackend):
@@ -114,11 +114,11 @@ class GatedDeleteBackend(ForwardingBackend):
         super().__init__(inner)
         self.key, self.gate, self.reached = key, gate, threading.Event()
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         if key == self.key:
             self.reached.set()
             self.gate.wait(timeout=60)
-        super().delete(key)
+        super().delete(key, version=version)
 
 
 class HeadHookBackend(ForwardingBackend):
@@ -143,6 +143,6 @@ class SlowDeleteBackend(ForwardingBackend):
         super().__init__(inner)
         self.delay = delay
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, version: str | None = None) -> None:
         time.sleep(self.delay)
-        super().delete(key)
+        super().delete(key, version=version)
