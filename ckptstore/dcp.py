@@ -55,9 +55,10 @@ from ckptstore.chunking import plan_chunks
 from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
 from ckptstore.distributed import ChunkTable, plain_segments, settle_chunks, write_manifest_and_commit
 from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
+from ckptstore.epoch import Epoch, read_epoch
 from ckptstore.errors import CkptStoreError, FormatError, IntegrityError
 from ckptstore.hashing import hasher
-from ckptstore.leases import Epoch, Lease, read_epoch
+from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry
 from ckptstore.store import Store, writer_identity
 from ckptstore.tensors import describe, torch_dtype_name

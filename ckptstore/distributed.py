@@ -56,6 +56,7 @@ from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunking import ChunkPlan, plan_chunks
 from ckptstore.chunkio import ChunkWriter, WrittenChunk, bounded_map, restore_missing
 from ckptstore.commit import commit_ref
+from ckptstore.epoch import Epoch, read_epoch
 from ckptstore.errors import (
     AlreadyExistsError,
     CkptStoreError,
@@ -63,7 +64,8 @@ from ckptstore.errors import (
     IntegrityError,
     StateConflictError,
 )
-from ckptstore.leases import Epoch, Lease, read_epoch, wait_for_gc
+from ckptstore.gclock import wait_for_gc
+from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
 
@@ -462,10 +464,6 @@ def _commit(store: Any, merged: MergedState, partials: list[dict[str, Any]], ste
         step=step, manifest=digest, commit_id=committed.commit_id, seq=committed.seq, replaced=committed.replaces,
         tensors=len(entries), logical_bytes=manifest.logical_bytes, chunks=len(table.chunks),
         new_chunks=len(new), new_bytes=sum(new.values()), seconds=time.perf_counter() - started)
-    if keep_last is not None or keep_every is not None:
-        from dataclasses import replace
-
-        deleted = store.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
-        info = replace(info, retention_deleted=tuple(deleted))
-    return info
+    # Never raises: the step is committed, and every rank gets the same SaveInfo.
+    return store.retain_after_commit(info, keep_last=keep_last, keep_every=keep_every)
 

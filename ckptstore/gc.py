@@ -1,12 +1,15 @@
 """Garbage collection: free the chunks and manifests that no ref reaches.
 
 Protocol (argued in docs/FORMAT.md, "Garbage collection"):
-1. take locks/gc (create-only; a stale one is taken over by compare-and-swap);
+1. take locks/gc (ckptstore/gclock.py: create-only, a dead holder's lock taken over by
+   compare-and-swap), refreshed by compare-and-swap in the background for the whole run;
 2. bump the epoch to running;
 3. list leases: if any fresh save or load lease exists, stand down (sweep nothing);
-4. mark: every ref (steps and tags) -> its manifest -> the manifest's chunks;
-5. sweep: delete unmarked manifests and chunks older than `min_age`;
-6. bump the epoch to idle, release locks/gc.
+4. mark: every ref (steps and tags) -> its manifest -> the manifest's chunks. Fail closed:
+   if any ref, or a manifest a ref names, cannot be read and decoded, sweep nothing;
+5. sweep: prove the lock is still ours, then delete unmarked manifests and chunks older
+   than `min_age` (server time), proving again before every batch of deletes;
+6. prove once more, bump the epoch to idle, release our own version of locks/gc.
 A save reads the epoch before it creates its lease and again before it commits; if a gc
 ran or is running in between, it waits for it to finish and re-checks that every object it
 is about to reference still exists (re-uploading what vanished). So a gc that did not see a
@@ -15,26 +18,35 @@ save's lease can never leave that save's commit pointing at a deleted object.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptstore import keys
-from ckptstore.backends.base import OVERWRITE
 from ckptstore.commit import read_ref
-from ckptstore.errors import CkptStoreError, ObjectNotFoundError
-from ckptstore.leases import GC_LOCK, fresh_leases, gc_lock, lock_payload, server_now, set_epoch
+from ckptstore.epoch import set_epoch
+from ckptstore.errors import CkptStoreError, GCLockLostError, IntegrityError, ObjectNotFoundError
+from ckptstore.gclock import GCLock
+from ckptstore.leases import fresh_leases
+from ckptstore.manifest import MAX_MANIFEST_BYTES, decode_manifest
 
 if TYPE_CHECKING:
     from ckptstore.store import Store
 
+log = logging.getLogger(__name__)
+
+#: gc proves it still owns locks/gc before every this many deletes.
+DELETE_BATCH = 100
+
 
 @dataclass
 class GCReport:
-    """What a gc run saw and did."""
+    """What a gc run saw and did. `ok` is False when it could not do its whole job: another
+    gc was running, or saves made it stand down, or it failed closed (broken refs, a lost lock)."""
 
     dry_run: bool
-    ran: bool = False  # False: another gc held the lock, or leases made it stand down
+    ran: bool = False  # False: another gc held the lock, leases made it stand down, or it failed closed
     reason: str = ""
     blocking_leases: list[str] = field(default_factory=list)
     refs: int = 0
@@ -44,84 +56,151 @@ class GCReport:
     deleted_chunks: int = 0
     deleted_bytes: int = 0
     kept_young: int = 0  # unreachable, but younger than min_age
-    broken_refs: list[str] = field(default_factory=list)  # refs whose manifest is unreadable
+    broken_refs: list[str] = field(default_factory=list)  # refs gc could not follow: nothing was swept
+    lock_lost: bool = False  # locks/gc stopped being ours mid-run: it stopped deleting
     staging_removed: int = 0  # local staging files / S3 multipart uploads left by crashes
     seconds: float = 0.0
 
+    @property
+    def failed(self) -> bool:
+        """It failed closed: refs it could not follow, or its lock lost (`ckptstore gc` exits 1)."""
+        return bool(self.broken_refs) or self.lock_lost
+
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "failed": self.failed}
+
+
+class _MarkFailed(Exception):
+    """Some ref or manifest could not be read: the sweep must not run."""
+
+
+def _read_manifest_chunks(store: Store, digest: str) -> set[str]:
+    """The chunk digests of manifest `digest`, always hash-checked: gc trusts no manifest whose
+    bytes are not the ones its ref named, whatever the store's `verify` setting."""
+    key = keys.manifest_key(digest)
+    try:
+        data = store.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
+    except ObjectNotFoundError as exc:
+        raise IntegrityError(f"manifest {key} is missing") from exc
+    if store._hash(data) != digest:
+        raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
+    return {c.digest for c in decode_manifest(data).chunks}
 
 
 def _mark(store: Store, report: GCReport) -> tuple[set[str], set[str]]:
+    """Every manifest and chunk a ref reaches. Raises _MarkFailed (after recording every
+    broken ref in the report) if any ref or its manifest cannot be read: only a ref that is
+    confirmed gone lets its objects become garbage."""
     manifests: set[str] = set()
     chunks: set[str] = set()
-    for info in store.backend.list("refs/"):
-        found = read_ref(store.backend, info.key)
-        if found is None:
-            continue
-        report.refs += 1
-        digest = found[0].manifest
-        if digest in manifests:
-            continue
-        manifests.add(digest)
+    for info in store.backend.list(keys.REFS):
         try:
-            manifest = store.manifest(digest)
-        except CkptStoreError as exc:
-            # Keep everything this ref might need; report it (verify tells more).
-            report.broken_refs.append(f"{info.key}: {exc}")
-            continue
-        chunks.update(c.digest for c in manifest.chunks)
+            found = read_ref(store.backend, info.key)
+            if found is None:
+                continue  # deleted since the listing: confirmed gone
+            report.refs += 1
+            digest = found[0].manifest
+            if digest in manifests:
+                continue
+            chunks.update(_read_manifest_chunks(store, digest))
+            manifests.add(digest)
+        except CkptStoreError as exc:  # transient, permission, unsupported format, corrupt, missing
+            report.broken_refs.append(f"{info.key}: {type(exc).__name__}: {exc}")
+    if report.broken_refs:
+        raise _MarkFailed
     report.reachable_manifests, report.reachable_chunks = len(manifests), len(chunks)
     return manifests, chunks
 
 
+def _fail_closed_reason(report: GCReport) -> str:
+    return (f"swept nothing: {len(report.broken_refs)} ref(s) could not be followed to their chunks "
+            f"(fix or remove them; `ckptstore verify` tells more)")
+
+
 def collect_garbage(store: Store, *, owner: str, dry_run: bool = False, min_age: float = 3600.0,
                     ttl: float) -> GCReport:
-    """Run one gc over `store` (see the module docstring); never raises for "busy"."""
+    """Run one gc over `store` (see the module docstring); never raises for "busy" or for a
+    failed-closed run: the report says (`report.failed`)."""
     started = time.monotonic()
     report = GCReport(dry_run=dry_run)
-    backend = store.backend
     if dry_run:  # read-only: no lock, no epoch, just what a sweep would delete now
-        manifests, chunks = _mark(store, report)
-        _sweep(store, manifests, chunks, report, now=time.time(), min_age=min_age, ttl=ttl, delete=False)
-        report.ran = True
+        try:
+            manifests, chunks = _mark(store, report)
+        except _MarkFailed:
+            report.reason = _fail_closed_reason(report)
+        else:
+            # A dry run writes nothing, so it has no server time: the local clock only changes
+            # which young objects it reports as kept.
+            _sweep(store, manifests, chunks, report, now=time.time(), min_age=min_age, lock=None)
+            report.ran = True
         report.seconds = time.monotonic() - started
         return report
 
-    with gc_lock(backend, owner, ttl=ttl) as held:
-        if not held:
-            report.reason = "another gc holds locks/gc"
-            report.seconds = time.monotonic() - started
-            return report
-        running = set_epoch(backend, running=True, owner=owner)
-        swept_in: int | None = None
-        try:
-            now = server_now(backend, GC_LOCK)
-            blocking = fresh_leases(backend, ttl=ttl, now=now)
-            if blocking:
-                report.reason = "saves or loads in progress (their leases are fresh)"
-                report.blocking_leases = [lock.name for lock in blocking]
-            else:
-                swept_in = running.number  # from here on objects may vanish
-                manifests, chunks = _mark(store, report)
-                _sweep(store, manifests, chunks, report, now=now, min_age=min_age, ttl=ttl, delete=True,
-                       owner=owner)
-                cleanup = getattr(backend, "cleanup_staging", None)
-                if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
-                    # Never younger than the lease TTL: a save this gc did not see (it began
-                    # after the lease listing) may be mid-put; a dead writer's leftovers are older.
-                    report.staging_removed = int(cleanup(max(min_age, ttl)))
-                report.ran = True
-        finally:
-            set_epoch(backend, running=False, owner=owner, swept_in=swept_in)
+    lock = GCLock(store.backend, owner, ttl=ttl)
+    if not lock.acquire():
+        report.reason = "another gc holds locks/gc"
+        report.seconds = time.monotonic() - started
+        return report
+    try:
+        _collect_locked(store, lock, report, owner=owner, min_age=min_age, ttl=ttl)
+    finally:
+        lock.release()
     report.seconds = time.monotonic() - started
     return report
 
 
-def _sweep(store: Store, manifests: set[str], chunks: set[str], report: GCReport, *, now: float,
-           min_age: float, ttl: float, delete: bool, owner: str = "") -> None:
+def _collect_locked(store: Store, lock: GCLock, report: GCReport, *, owner: str, min_age: float,
+                    ttl: float) -> None:
     backend = store.backend
-    last_touch = time.monotonic()
+    running = set_epoch(backend, running=True, owner=owner)
+    swept_in: int | None = None
+    try:
+        blocking = fresh_leases(backend, ttl=ttl, now=lock.clock.sync())
+        if blocking:
+            report.reason = "saves or loads in progress (their leases are fresh)"
+            report.blocking_leases = [lease.name for lease in blocking]
+            return
+        swept_in = running.number  # from here on objects may vanish
+        try:
+            manifests, chunks = _mark(store, report)
+        except _MarkFailed:
+            report.reason = _fail_closed_reason(report)
+            log.warning("gc of %s %s: %s", store.url, report.reason, "; ".join(report.broken_refs))
+            return
+        now = lock.prove()  # the sweep starts only while the lock is provably ours
+        _sweep(store, manifests, chunks, report, now=now, min_age=min_age, lock=lock)
+        cleanup = getattr(backend, "cleanup_staging", None)
+        if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
+            # Never younger than the lease TTL: a save this gc did not see (it began
+            # after the lease listing) may be mid-put; a dead writer's leftovers are older.
+            lock.prove()
+            report.staging_removed = int(cleanup(max(min_age, ttl), now=lock.clock.now()))
+        report.ran = True
+    except GCLockLostError as exc:
+        report.lock_lost, report.ran = True, False
+        report.reason = str(exc)
+        log.warning("gc of %s stopped: %s", store.url, exc)
+    finally:
+        _finish_epoch(lock, owner=owner, swept_in=swept_in)
+
+
+def _finish_epoch(lock: GCLock, *, owner: str, swept_in: int | None) -> None:
+    """Bump the epoch to idle, but only while the lock is provably ours: a gc that lost its
+    lock must not tell saves that no gc runs while the one that took over sweeps."""
+    try:
+        lock.prove()
+    except Exception as exc:  # lost, or the server is unreachable: leave the epoch "running"
+        log.warning("gc left the epoch marked running (%s); saves re-check their chunks until the next gc", exc)
+        return
+    set_epoch(lock.backend, running=False, owner=owner, swept_in=swept_in)
+
+
+def _sweep(store: Store, manifests: set[str], chunks: set[str], report: GCReport, *, now: float,
+           min_age: float, lock: GCLock | None) -> None:
+    """Delete (dry run: count) unmarked manifests and chunks at least `min_age` old at server
+    time `now`. With a lock, every DELETE_BATCH deletes start with a proof of ownership."""
+    backend = store.backend
+    in_batch = 0
     for prefix, keep, is_chunk in ((keys.MANIFESTS, manifests, False), (keys.CHUNKS, chunks, True)):
         for info in backend.list(prefix):
             try:
@@ -133,17 +212,18 @@ def _sweep(store: Store, manifests: set[str], chunks: set[str], report: GCReport
             if now - info.modified < min_age:
                 report.kept_young += 1
                 continue
-            if delete:
+            if lock is not None:
+                if in_batch == 0:
+                    lock.prove()
+                else:
+                    lock.ensure_owned()
+                in_batch = (in_batch + 1) % DELETE_BATCH
                 try:
                     backend.delete(info.key)
                 except ObjectNotFoundError:
                     continue
-                if time.monotonic() - last_touch > ttl / 4:  # keep locks/gc fresh on long sweeps
-                    backend.put(GC_LOCK, lock_payload(owner), mode=OVERWRITE)
-                    last_touch = time.monotonic()
             if is_chunk:
                 report.deleted_chunks += 1
-                report.deleted_bytes += info.size
             else:
                 report.deleted_manifests += 1
-                report.deleted_bytes += info.size
+            report.deleted_bytes += info.size

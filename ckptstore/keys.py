@@ -19,6 +19,7 @@ from ckptstore.errors import InvalidKeyError
 MARKER = "CKPTSTORE"
 CHUNKS = "chunks/"
 MANIFESTS = "manifests/"
+REFS = "refs/"
 STEP_REFS = "refs/steps/"
 TAG_REFS = "refs/tags/"
 LOCKS = "locks/"

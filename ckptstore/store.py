@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import os
 import socket
 import time
@@ -23,14 +24,18 @@ from ckptstore.backends.base import CREATE, Backend
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import Compression
 from ckptstore.chunking import ChunkingPolicy, ChunkPlan, plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, restore_missing
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map, restore_missing
 from ckptstore.commit import commit_ref, read_ref
+from ckptstore.epoch import Epoch, read_epoch
 from ckptstore.errors import (
     AlreadyExistsError,
+    CkptStoreError,
     FormatError,
     InsufficientMemoryError,
     IntegrityError,
     ObjectNotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
     StepExistsError,
     StepNotFoundError,
     StoreNotFoundError,
@@ -39,8 +44,9 @@ from ckptstore.errors import (
     UnsupportedValueError,
 )
 from ckptstore.gc import GCReport, collect_garbage
+from ckptstore.gclock import wait_for_gc
 from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
-from ckptstore.leases import DEFAULT_TTL, Epoch, Lease, LockInfo, list_locks, read_epoch, wait_for_gc
+from ckptstore.leases import DEFAULT_TTL, Lease, LockInfo, clear_stale, list_locks
 from ckptstore.manifest import (
     MAX_MANIFEST_BYTES,
     MAX_REF_BYTES,
@@ -54,7 +60,10 @@ from ckptstore.manifest import (
     encode_manifest,
     encode_marker,
 )
+from ckptstore.serverclock import probe_clock
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path, lookup, map_tensors
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 4
 
@@ -75,6 +84,9 @@ class SaveInfo:
     new_bytes: int  # stored bytes of chunks this save wrote (the rest deduplicated)
     seconds: float
     retention_deleted: tuple[int, ...] = ()  # steps whose refs retention deleted after the commit
+    # Retention deletions that failed after the commit (also logged as warnings). The step is
+    # committed all the same: a failed clean-up never turns a committed save into an error.
+    retention_errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,10 +200,7 @@ class Store:
         epoch_at_start, _ = read_epoch(self.backend)
         with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
             info = self._save_leased(step, state, overwrite, metadata, epoch_at_start, started)
-        if keep_last is not None or keep_every is not None:
-            deleted = self.apply_retention(keep_last=keep_last, keep_every=keep_every, protect=(step,))
-            info = replace(info, retention_deleted=tuple(deleted))
-        return info
+        return self.retain_after_commit(info, keep_last=keep_last, keep_every=keep_every)
 
     def save_async(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
                    keep_last: int | None = None, keep_every: int | None = None,
@@ -276,7 +285,7 @@ class Store:
         and put back anything we are about to reference that it deleted."""
         if not read_epoch(self.backend)[0].swept_since(epoch_at_start):
             return
-        wait_for_gc(self.backend, ttl=self.lease_ttl)
+        wait_for_gc(self.backend, ttl=self.lease_ttl, owner=writer_identity())
         restore_missing(writer, plan, written, sources)
         if not self.backend.exists(keys.manifest_key(manifest_digest)):
             with contextlib.suppress(AlreadyExistsError):
@@ -288,37 +297,97 @@ class Store:
         """Delete the refs of steps that no rule keeps; returns the deleted steps.
 
         Kept: the `keep_last` newest steps, multiples of `keep_every`, tagged steps, `protect`.
-        Only refs are deleted; gc frees the data.
+        Only refs are deleted (each at the version just read: a step re-committed meanwhile is
+        kept); gc frees the data. Tries every doomed step, then raises the first failure.
         """
+        deleted, failures = self._retain(keep_last=keep_last, keep_every=keep_every, protect=protect)
+        if failures:
+            raise failures[0][1]
+        return deleted
+
+    def retain_after_commit(self, info: SaveInfo, *, keep_last: int | None, keep_every: int | None) -> SaveInfo:
+        """Retention after a committed save: never raises, because the commit stands. What it
+        could not delete goes into `SaveInfo.retention_errors` and is logged as a warning."""
+        if keep_last is None and keep_every is None:
+            return info
+        try:
+            deleted, failures = self._retain(keep_last=keep_last, keep_every=keep_every, protect=(info.step,))
+            errors = [f"step {step}: {type(exc).__name__}: {exc}" for step, exc in failures]
+        except CkptStoreError as exc:  # listing the steps or tags failed: nothing was deleted
+            deleted, errors = [], [f"retention did not run: {type(exc).__name__}: {exc}"]
+        for error in errors:
+            log.warning("step %d of %s is committed, but retention failed: %s", info.step, self.url, error)
+        return replace(info, retention_deleted=tuple(deleted), retention_errors=tuple(errors))
+
+    def _retain(self, *, keep_last: int | None, keep_every: int | None,
+                protect: tuple[int, ...]) -> tuple[list[int], list[tuple[int, CkptStoreError]]]:
         steps = self.steps()
         keep = set(protect) | set(self.tags().values())
         if keep_last is not None:
             keep.update(steps[-keep_last:])
         if keep_every is not None:
             keep.update(s for s in steps if s % keep_every == 0)
-        doomed = [s for s in steps if s not in keep]
-        for step in doomed:
-            self.backend.delete(keys.step_ref_key(step))
-        return doomed
+        deleted: list[int] = []
+        failures: list[tuple[int, CkptStoreError]] = []
+        for step in (s for s in steps if s not in keep):
+            try:
+                if self._delete_ref(keys.step_ref_key(step)):
+                    deleted.append(step)
+            except PreconditionFailedError:
+                continue  # re-committed since we looked: a new commit is not ours to delete
+            except CkptStoreError as exc:
+                failures.append((step, exc))
+        return deleted, failures
 
-    def tag(self, name: str, step: int, *, overwrite: bool = False) -> Ref:
-        """Name `step` (refs/tags/<name>); a tagged step is never deleted by retention, and
-        its data survives gc even if the step's own ref is deleted. Raises TagExistsError."""
-        target = self.ref(step)
-        ref = Ref(manifest=target.manifest, step=step, committed=time.time(), writer=writer_identity())
-        ensure_conditional_writes(self.backend)
+    def _delete_ref(self, key: str) -> bool:
+        """Delete the ref at `key` at the version it has now; False if there is none. Deleting
+        by version means an SDK retry of a delete that landed cannot remove a commit made
+        in between (PreconditionFailedError instead, where the backend enforces it)."""
         try:
-            return commit_ref(self.backend, keys.tag_ref_key(name), ref, overwrite=overwrite)
-        except StepExistsError:
-            existing = read_ref(self.backend, keys.tag_ref_key(name))
-            raise TagExistsError(name, existing[0].step if existing else -1) from None
+            version = self.backend.head(key).version
+        except ObjectNotFoundError:
+            return False
+        self.backend.delete(key, version=version)
+        return True
+
+    def tag(self, name: str, step: int | str, *, overwrite: bool = False) -> Ref:
+        """Name `step` (refs/tags/<name>); a tagged step is never deleted by retention, and
+        its data survives gc even if the step's own ref is deleted. Raises TagExistsError, and
+        IntegrityError when the step's manifest or a chunk of it is gone.
+
+        A tag is a commit like a save's (docs/FORMAT.md): epoch, lease, check that every object
+        it will reference exists, re-check after any sweep, then the conditional put.
+        """
+        key = keys.tag_ref_key(name)
+        ensure_conditional_writes(self.backend)
+        epoch_at_start, _ = read_epoch(self.backend)
+        with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
+            target = self.ref(step)
+            self._require_objects(target)
+            if read_epoch(self.backend)[0].swept_since(epoch_at_start):
+                wait_for_gc(self.backend, ttl=self.lease_ttl, owner=writer_identity())
+                self._require_objects(target)
+            ref = Ref(manifest=target.manifest, step=target.step, committed=time.time(), writer=writer_identity())
+            try:
+                return commit_ref(self.backend, key, ref, overwrite=overwrite)
+            except StepExistsError:
+                existing = read_ref(self.backend, key)
+                raise TagExistsError(name, existing[0].step if existing else -1) from None
+
+    def _require_objects(self, ref: Ref) -> None:
+        """Raise IntegrityError unless the manifest `ref` names and every chunk of it exist."""
+        manifest = self.manifest(ref.manifest)
+        digests = sorted({c.digest for c in manifest.chunks})
+        present = bounded_map(lambda d: self.backend.exists(keys.chunk_key(d)), digests, self.threads)
+        missing = [d for d, ok in zip(digests, present, strict=True) if not ok]
+        if missing:
+            raise IntegrityError(f"step {ref.step}: {len(missing)} chunk(s) of its manifest are gone "
+                                 f"(e.g. {keys.chunk_key(missing[0])}); it cannot be tagged")
 
     def untag(self, name: str) -> None:
-        """Remove the tag `name`. Raises TagNotFoundError."""
-        key = keys.tag_ref_key(name)
-        if not self.backend.exists(key):
+        """Remove the tag `name` (at the version read now). Raises TagNotFoundError."""
+        if not self._delete_ref(keys.tag_ref_key(name)):
             raise TagNotFoundError(name, self.url)
-        self.backend.delete(key)
 
     def tags(self) -> dict[str, int]:
         """Tag name -> tagged step."""
@@ -339,15 +408,19 @@ class Store:
                                ttl=self.lease_ttl)
 
     def locks(self) -> list[LockInfo]:
-        """Leases and locks under locks/, with owner, age and staleness."""
-        return list_locks(self.backend, ttl=self.lease_ttl)
+        """Leases and locks under locks/, with owner, age and staleness by the server's clock
+        (read off a scratch write; with read-only credentials, the local clock, with a warning)."""
+        try:
+            now = probe_clock(self.backend).now()
+        except PermissionDeniedError:
+            log.warning("cannot write to %s: lock ages below use this machine's clock, not the server's", self.url)
+            now = time.time()
+        return list_locks(self.backend, ttl=self.lease_ttl, now=now)
 
     def clear_stale_locks(self) -> list[LockInfo]:
-        """Delete leases and locks whose holder stopped refreshing them; returns them."""
-        stale = [lock for lock in self.locks() if lock.stale]
-        for lock in stale:
-            self.backend.delete(lock.name)
-        return stale
+        """Delete leases and locks whose holder stopped refreshing them, judged by the server's
+        clock and deleted only at the version judged; returns them."""
+        return clear_stale(self.backend, ttl=self.lease_ttl, now=probe_clock(self.backend).now())
 
     # -- read ------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -454,11 +527,16 @@ class Store:
 
     # -- delete ----------------------------------------------------------------------------
     def delete(self, step: int) -> None:
-        """Delete the ref of `step` (its data is freed by gc). Raises StepNotFoundError."""
-        key = keys.step_ref_key(step)
-        if not self.backend.exists(key):
+        """Delete the ref of `step` (its data is freed by gc), at the version read now.
+        Raises StepNotFoundError, or PreconditionFailedError if the step was re-committed in
+        between (the new commit stays)."""
+        try:
+            deleted = self._delete_ref(keys.step_ref_key(step))
+        except PreconditionFailedError as exc:
+            raise PreconditionFailedError(f"step {step} was committed again while it was being deleted; "
+                                          f"the new commit was kept", key=exc.key, operation="delete") from exc
+        if not deleted:
             raise StepNotFoundError(step, self.url)
-        self.backend.delete(key)
 
 
 def _check_fits(step: int | str, nbytes: int) -> None:

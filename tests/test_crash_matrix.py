@@ -33,7 +33,7 @@ import pytest
 import ckptstore
 from ckptstore import keys
 from ckptstore.commit import read_ref
-from ckptstore.leases import read_epoch
+from ckptstore.epoch import read_epoch
 from ckptstore.store import Store
 from ckptstore.testing.crash import CrashResult, CrashSpec, KillPoint, Operation, run_crash
 from ckptstore.testing.scenarios import state_for, tag_of

@@ -130,7 +130,7 @@ def test_stale_leases_are_ignored_listed_and_cleared(store_url: str) -> None:
     store.save(1, {"a": _tensor(1)})
     store.delete(1)
     store.backend.put(keys.lock_key("save-deadbeefdeadbeef"), b"\x81\xa5owner\xa8dead:123")
-    time.sleep(2.2)  # past the TTL (server timestamps may have 1 s resolution)
+    time.sleep(3.2)  # past the TTL plus CLOCK_RESOLUTION (server timestamps may have 1 s resolution)
     stale = [lock for lock in store.locks() if lock.stale]
     assert [(lock.name, lock.owner) for lock in stale] == [("locks/save-deadbeefdeadbeef", "dead:123")]
     assert store.gc(min_age=0).ran, "a stale lease must not block gc"

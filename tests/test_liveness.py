@@ -54,7 +54,7 @@ def test_gc_ignores_the_lease_of_a_dead_saver_but_not_of_a_live_one(tmp_path: Pa
     import torch
 
     import ckptstore
-    from ckptstore.leases import _pack
+    from ckptstore.lockfile import pack as _pack
 
     store = ckptstore.open(tmp_path / "store")
     store.save(1, {"w": torch.ones(4)})
