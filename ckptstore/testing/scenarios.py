@@ -98,10 +98,12 @@ def crash_saver(url: str, first_step: int, overwrite_every: int) -> None:
     """Save steps first_step, first_step+1, ... forever (until killed), printing each commit.
 
     Every `overwrite_every`-th save instead overwrites the previous step with a new tag, so a
-    kill can land in the middle of an overwrite too. Each printed line is "<step> <tag>".
+    kill can land in the middle of an overwrite too. Prints "ready" once the store is open,
+    then one line "<step> <tag>" per commit.
     """
     store = ckptstore.open(url, chunking=ckptstore.ChunkingPolicy(chunk_size=64 << 10, small_tensor_limit=1024,
                                                                   pack_size=4096))
+    print("ready", flush=True)  # the test times its kill from here, not from the interpreter's start
     step = first_step
     n = 0
     while True:
