@@ -2,11 +2,15 @@
 
 A lock's age is the only evidence that works across machines, so a dead holder's lock is
 normally honoured until it is `ttl` old (600 s by default). A holder on *this* machine can
-be checked at once: the lock records the kernel's boot id, the pid namespace and the pid,
-and when the first two match ours and no such process runs (or it is a zombie), the
-holder is dead. Anything else (another machine, another container, a pid reused by a new
-process, a lock written before these fields existed) counts as alive: the check can only
-shorten a wait, never end one that should continue.
+be checked at once: the lock records the kernel's boot id, the pid namespace, the host name,
+the pid and the process's start time. When the first three match ours and no such process
+runs (or it is a zombie, or the pid now belongs to a process started at another time), the
+holder is dead. Anything else (another machine or container, missing fields, a malformed
+value) counts as alive: the check can only shorten a wait, never end one that should continue.
+
+Cloned VMs share a boot id, and the initial pid namespace's inode is the same on every host,
+so the host name must match too. Clones that also keep the same host name cannot be told
+apart from here (docs/FORMAT.md, "Objects under locks/").
 """
 
 from __future__ import annotations
@@ -33,20 +37,40 @@ def _pid_namespace() -> int:
         return 0
 
 
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22);
+    None if there is no such process or it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def holder_fields() -> dict[str, Any]:
     """What a lock records about its holder, for `holder_is_dead`."""
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(), "pid": os.getpid()}
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pidns": _pid_namespace(), "pid": pid,
+            "start": _start_time(pid) or 0}
 
 
 def holder_is_dead(lock: dict[str, Any]) -> bool:
-    """True only when `lock` was written on this machine, in this pid namespace, by a
-    process that no longer runs."""
-    boot, pidns, pid = lock.get("boot"), lock.get("pidns"), lock.get("pid")
+    """True only when `lock` was written on this machine (boot id and host name), in this pid
+    namespace, by a process that no longer runs there."""
+    boot, pidns, host, pid = lock.get("boot"), lock.get("pidns"), lock.get("host"), lock.get("pid")
     if not boot or boot != _boot_id() or not pidns or pidns != _pid_namespace():
+        return False
+    if not host or host != socket.gethostname():
         return False
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
-    return not _running(pid)
+    if not _running(pid):
+        return True
+    # The pid runs: it is the holder unless it is provably another process that reused it.
+    start, now_start = lock.get("start"), _start_time(pid)
+    if not isinstance(start, int) or isinstance(start, bool) or start <= 0 or now_start is None:
+        return False
+    return start != now_start
 
 
 def _running(pid: int) -> bool:

@@ -43,9 +43,21 @@ def test_anything_uncertain_counts_as_alive() -> None:
     mine = holder_fields()
     for lock in ({**mine, "pid": dead_pid, "boot": "another-boot"},  # another machine or reboot
                  {**mine, "pid": dead_pid, "pidns": mine["pidns"] + 1},  # another container
+                 {**mine, "pid": dead_pid, "host": "a-clone"},  # a cloned VM: same boot id and pidns
+                 {**mine, "pid": dead_pid, "host": ""},
+                 {k: v for k, v in {**mine, "pid": dead_pid}.items() if k != "host"},
+                 {**mine, "start": "x"}, {**mine, "start": 0}, {**mine, "start": True},  # running pid, no usable start
                  {"owner": "old@host:1", "refreshed": 0.0, "pid": dead_pid},  # written before these fields
                  {**mine, "pid": "12"}, {**mine, "pid": True}, {**mine, "pid": -1}):
         assert not holder_is_dead(lock), lock
+
+
+def test_a_running_pid_with_another_start_time_is_a_reused_pid_so_the_holder_is_dead() -> None:
+    mine = holder_fields()
+    assert mine["start"] > 0
+    assert not holder_is_dead(mine)  # same pid, same start: the holder itself
+    assert holder_is_dead({**mine, "start": mine["start"] + 1})
+    assert holder_is_dead({**mine, "start": mine["start"] - 1})
 
 
 def test_gc_ignores_the_lease_of_a_dead_saver_but_not_of_a_live_one(tmp_path: Path) -> None:
