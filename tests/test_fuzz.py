@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +45,7 @@ def _with_target(monkeypatch: pytest.MonkeyPatch, decode: Callable[[bytes], obje
     monkeypatch.setattr(fuzz, "targets", lambda: real() | {"ref": decode})
 
 
-def test_an_untyped_error_fails_the_run_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch,
+def test_an_untyped_error_fails_the_run_and_prints_the_reproducer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]):
     from ckptstore.manifest import decode_ref
 
@@ -53,11 +55,64 @@ def test_an_untyped_error_fails_the_run_and_prints_the_reproducer(monkeypatch: p
         return decode_ref(data)
 
     _with_target(monkeypatch, leaky)
-    assert fuzz.main(["--engine", "mutate", "--inputs", "3000", "--targets", "ref"]) == 1
+    corpus = tmp_path / "corpus"
+    assert fuzz.main(["--engine", "mutate", "--inputs", "3000", "--targets", "ref", "--corpus-dir", str(corpus)]) == 1
     out = capsys.readouterr().out
     assert "KeyError: 'a decoder bug'" in out and "reproducer (" in out
-    reproducer = ast.literal_eval(out.split("reproducer, python: ")[1].strip())
+    reproducer = ast.literal_eval(out.split("reproducer, python: ")[1].splitlines()[0])
     assert len(reproducer) % 7 == 3
+    # The finding went into the regression corpus, and the seed to repeat the run was printed.
+    (saved,) = (corpus / "ref").iterdir()
+    assert saved.read_bytes() == reproducer and f"regression corpus: {saved}" in out
+    assert re.search(r"seed \d+: repeat this run with --seed \d+", out)
+
+
+def test_the_corpus_is_replayed_before_any_fuzzing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]):
+    from ckptstore.manifest import decode_ref
+
+    seen: list[bytes] = []
+    found_once = b"an input a past run found"
+
+    def fixed_but_recorded(data: bytes) -> object:
+        seen.append(data)
+        if data == found_once and len(seen) > 1:
+            raise KeyError("the bug is back")
+        return decode_ref(data)
+
+    _with_target(monkeypatch, fixed_but_recorded)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "0001").write_bytes(b"another corpus input")
+    (tmp_path / "ref" / "0002").write_bytes(found_once)
+    argv = ["--engine", "mutate", "--inputs", "50", "--targets", "ref", "--corpus-dir", str(tmp_path)]
+    assert fuzz.main(argv) == 1  # the mutations alone never produce it: only the replay can fail
+    assert seen[:2] == [b"another corpus input", found_once], "the corpus goes first, in file name order"
+    assert "KeyError: 'the bug is back'" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["0001", "0002", fuzz.save_finding(
+        tmp_path, fuzz.UntypedError("ref", found_once, "")).name], "written once more, under its hash"
+
+
+def test_a_run_without_seed_picks_a_new_one_and_prints_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    def run(*extra: str) -> tuple[int, str]:
+        argv = ["--engine", "mutate", "--inputs", "400", "--targets", "ref,tree", "--corpus-dir", str(tmp_path)]
+        assert fuzz.main([*argv, *extra]) == 0
+        out = capsys.readouterr().out
+        seed = int(re.search(r"seed (\d+) \(repeat this run with --seed (\d+)\)", out)[1])  # type: ignore[index]
+        table = re.sub(r" +[\d.]+$", "", out[out.index("target"):out.rindex("inputs in")], flags=re.M)  # no "slowest"
+        return seed, table
+
+    first, table = run()
+    second, _ = run()
+    assert first != second  # 1 in 2**31 to be equal by chance
+    assert run("--seed", str(first)) == (first, table), "the printed seed repeats the run"
+
+
+def test_the_regression_corpus_replays() -> None:
+    """Everything a past run found still decodes or raises a typed error (the suite's copy of
+    the replay .ci/fuzz does first)."""
+    assert fuzz.DEFAULT_CORPUS.is_dir()
+    assert {p.name for p in fuzz.DEFAULT_CORPUS.iterdir() if p.is_dir()} <= set(fuzz.SHARES)
+    fuzz.replay_corpus(fuzz.DEFAULT_CORPUS, list(fuzz.SHARES))
 
 
 def test_a_hang_fails_the_run(monkeypatch: pytest.MonkeyPatch):
@@ -73,7 +128,7 @@ def test_a_hang_fails_the_run(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.skipif(not fuzz.atheris_available(), reason="atheris not installed")
-def test_atheris_engine_short_run(capsys: pytest.CaptureFixture[str]):
-    assert fuzz.main(["--engine", "atheris", "--inputs", "3000", "--seed", "3"]) == 0
+def test_atheris_engine_short_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert fuzz.main(["--engine", "atheris", "--inputs", "3000", "--seed", "3", "--corpus-dir", str(tmp_path)]) == 0
     total = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("total"))
     assert int(total.split()[1]) == 3000

@@ -1,6 +1,6 @@
 """Fuzz the decoders of stored objects: only typed ckptstore errors may come out.
 
-    python -m ckptstore.testing.fuzz --inputs 100000 [--seed N] [--engine atheris|mutate]
+    python -m ckptstore.testing.fuzz --inputs 100000 [--seed N] [--engine atheris|mutate] [--corpus-dir D]
 
 Targets: the manifest, ref and marker decoders (`ckptstore.manifest`), the state tree
 decoder (`ckptstore.tree`) and the chunk blob decoders (`ckptstore.chunkblob`). Every input
@@ -14,12 +14,22 @@ Engines:
 - `mutate`: seeded random mutations of valid encodings (flip, set, insert, delete,
   truncate, splice, interesting integers) and msgpack of random structures shaped like the
   target. Pure Python, deterministic for a seed; the regular test suite uses it.
+
+Without --seed a run picks a new seed and prints it; `--seed N` repeats that run.
+
+Regression corpus (`--corpus-dir`, default tests/fuzz_corpus/ in a source checkout): one file
+per input under `<dir>/<target>/`. Every run first replays each file through its decoder
+(both engines; the files are also mutation bases), so an input that once failed stays
+checked. A finding (untyped error or hang) is written there, named by its SHA-256, and the
+run fails: commit the file together with the fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import hashlib
 import json
 import os
 import random
@@ -30,7 +40,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,8 @@ HANG_SECONDS = 10
 # <= 64 KiB input has no allocation cap.
 RSS_LIMIT_MB = 2048
 MAX_INPUT = 1 << 16
+# The regression corpus of a source checkout (see the module docstring).
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "tests" / "fuzz_corpus"
 
 
 class UntypedError(Exception):
@@ -299,20 +311,39 @@ def random_structure(rng: random.Random, name: str, base: bytes) -> bytes:
         return base
 
 
-def fuzz_mutate(name: str, inputs: int, seed: int) -> Tally:
-    """`inputs` inputs for target `name`, from seeded mutations. Raises UntypedError."""
-    decode = targets()[name]
-    rng = random.Random(f"{seed}:{name}")
-    pool = seeds(name) + golden_seeds(name)
-    tally = Tally()
+@contextlib.contextmanager
+def _hang_alarm() -> Iterator[None]:
+    """While inside, `_run_timed` turns an input that takes over HANG_SECONDS into a finding."""
 
     def on_alarm(_signum: int, _frame: object) -> None:
         raise _Hang
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    replays = len(pool)  # the valid seeds go first, unmutated
-    originals = set(pool)
     try:
+        yield
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _run_timed(name: str, decode: Callable[[bytes], object], data: bytes, tally: Tally) -> None:
+    signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
+    try:
+        run_one(name, decode, data, tally)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def fuzz_mutate(name: str, inputs: int, seed: int, bases: Sequence[bytes] = ()) -> Tally:
+    """`inputs` inputs for target `name`, from seeded mutations of its valid seeds (replayed
+    first) and of `bases` (the regression corpus). Raises UntypedError."""
+    decode = targets()[name]
+    rng = random.Random(f"{seed}:{name}")
+    pool = seeds(name) + golden_seeds(name)
+    replays = len(pool)  # the valid seeds go first, unmutated
+    pool += bases
+    originals = set(pool)
+    tally = Tally()
+    with _hang_alarm():
         for i in range(inputs):
             mutated = i >= replays
             if not mutated:
@@ -322,20 +353,43 @@ def fuzz_mutate(name: str, inputs: int, seed: int) -> Tally:
             else:
                 data = random_structure(rng, name, rng.choice(pool))
             decoded = tally.decoded
-            signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
-            try:
-                run_one(name, decode, data, tally)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            _run_timed(name, decode, data, tally)
             if mutated:
                 tally.mutants += 1
                 # A mutant identical to a seed (an edit undone by the next) proves nothing.
                 tally.mutants_decoded += tally.decoded - decoded if data not in originals else 0
                 if len(pool) < 512 and tally.decoded > decoded and rng.random() < 0.2:
                     pool.append(data)  # a mutant that still decodes is a good base for more
-    finally:
-        signal.signal(signal.SIGALRM, previous)
     return tally
+
+
+# -- the regression corpus -----------------------------------------------------------------
+def corpus_inputs(corpus_dir: Path | None, name: str) -> list[bytes]:
+    """The corpus files of target `name`, in file name order."""
+    folder = corpus_dir / name if corpus_dir is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def replay_corpus(corpus_dir: Path | None, chosen: Sequence[str]) -> dict[str, Tally]:
+    """Every corpus input of the `chosen` targets through its decoder; raises UntypedError."""
+    results = {}
+    with _hang_alarm():
+        for name in chosen:
+            decode, tally = targets()[name], Tally()
+            for data in corpus_inputs(corpus_dir, name):
+                _run_timed(name, decode, data, tally)
+            results[name] = tally
+    return results
+
+
+def save_finding(corpus_dir: Path, finding: UntypedError) -> Path:
+    """Write the input of `finding` into the corpus (named by its SHA-256: once per input)."""
+    path = corpus_dir / finding.target / hashlib.sha256(finding.data).hexdigest()[:32]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(finding.data)
+    return path
 
 
 # -- the atheris engine --------------------------------------------------------------------
@@ -403,10 +457,13 @@ def _atheris_worker(name: str, inputs: int, seed: int, stats: Path, corpus: Path
     atheris.Fuzz()
 
 
-def fuzz_atheris(name: str, inputs: int, seed: int, workdir: Path) -> Tally:
-    """Run the atheris worker for `name`; raises UntypedError on a finding (crash, hang, OOM)."""
+def fuzz_atheris(name: str, inputs: int, seed: int, workdir: Path, bases: Sequence[bytes] = ()) -> Tally:
+    """Run the atheris worker for `name` (its corpus: the valid seeds and `bases`); raises
+    UntypedError on a finding (crash, hang, OOM)."""
     stats, corpus = workdir / f"{name}.json", workdir / f"{name}-corpus"
     corpus.mkdir()
+    for i, data in enumerate(bases):
+        (corpus / f"regression-{i}").write_bytes(data)
     proc = subprocess.run(
         [sys.executable, "-m", "ckptstore.testing.fuzz", "--worker", name, "--inputs", str(inputs),
          "--seed", str(seed), "--stats", str(stats), "--corpus", str(corpus)],
@@ -449,10 +506,13 @@ def print_table(results: dict[str, Tally], seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ckptstore.testing.fuzz", description=__doc__.split("\n")[0])
     parser.add_argument("--inputs", type=int, default=100_000, help="total inputs over all targets")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default: a new one, printed (0 <= N < 2**31)")
     parser.add_argument("--engine", choices=["atheris", "mutate"], default=None,
                         help="default: atheris when installed, else mutate")
     parser.add_argument("--targets", default=",".join(SHARES), help="comma-separated subset of " + ",".join(SHARES))
+    parser.add_argument("--corpus-dir", type=Path, default=None,
+                        help="the regression corpus, replayed first; findings are written there "
+                             "(default: tests/fuzz_corpus of a source checkout)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--stats", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
@@ -465,20 +525,37 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(chosen) - set(SHARES)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}")
+    seed = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
+    if not 0 <= seed < 1 << 31:
+        parser.error("--seed must be in [0, 2**31)")
+    corpus_dir = args.corpus_dir if args.corpus_dir is not None else (
+        DEFAULT_CORPUS if DEFAULT_CORPUS.is_dir() else None)
+    if corpus_dir is not None and corpus_dir.is_dir():
+        strays = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir() and p.name not in SHARES)
+        if strays:
+            parser.error(f"{corpus_dir} has folders for no target: {strays} (one per target: {list(SHARES)})")
     counts = split_inputs(args.inputs, chosen)
-    print(f"engine {engine}, seed {args.seed}, inputs {sum(counts.values())}: "
+    print(f"engine {engine}, seed {seed} (repeat this run with --seed {seed}), inputs {sum(counts.values())}: "
           + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
     started = time.perf_counter()
     results: dict[str, Tally] = {}
     try:
+        replayed = sum(t.inputs for t in replay_corpus(corpus_dir, chosen).values())
+        print(f"regression corpus {corpus_dir}: {replayed} inputs replayed, none failed" if corpus_dir is not None
+              else "no regression corpus (--corpus-dir)", flush=True)
         with tempfile.TemporaryDirectory(prefix="ckptstore-fuzz-") as tmp:
             for name, n in counts.items():
-                results[name] = (fuzz_atheris(name, n, args.seed, Path(tmp)) if engine == "atheris"
-                                 else fuzz_mutate(name, n, args.seed))
+                bases = corpus_inputs(corpus_dir, name)
+                results[name] = (fuzz_atheris(name, n, seed, Path(tmp), bases) if engine == "atheris"
+                                 else fuzz_mutate(name, n, seed, bases))
     except UntypedError as exc:
         print(f"FAIL: {exc.target} decoder raised an untyped error\n{exc.detail}")
         print(f"reproducer ({len(exc.data)} bytes), base64: {base64.b64encode(exc.data).decode()}")
         print(f"reproducer, python: {exc.data!r}")
+        if corpus_dir is not None:
+            print(f"saved to the regression corpus: {save_finding(corpus_dir, exc)} (commit it with the fix; "
+                  f"every run replays it first)")
+        print(f"seed {seed}: repeat this run with --seed {seed}")
         return 1
     print_table(results, time.perf_counter() - started)
     return 0
