@@ -407,6 +407,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         _print_json(report.as_dict())
     else:
         _print_fields(report.as_dict())
+    if report.failed:  # it failed closed: kept everything, and says why
+        print(f"ckptstore gc {redact(args.url)}: {report.reason}", file=sys.stderr)
+        for broken in report.broken_refs:
+            print(f"  {broken}", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
 
 
