@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ckptstore.backends.base import CREATE, Backend, total_length
+from ckptstore.backends.base import CREATE, Backend, Buffer, total_length
 from ckptstore.chunkblob import (
     BYTES,
     HEADER_SIZE,
@@ -36,6 +36,7 @@ from ckptstore.chunkblob import (
 from ckptstore.chunking import ChunkPlan, PlannedChunk
 from ckptstore.errors import (
     AlreadyExistsError,
+    ChunkVanishedError,
     FormatError,
     IntegrityError,
     ObjectNotFoundError,
@@ -69,6 +70,40 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Itera
                 future.cancel()
 
 
+#: How many create-only puts one chunk gets when each reports AlreadyExists and the `head`
+#: after it finds the key gone (gc swept another writer's copy in between, every time), before
+#: `put_chunk` gives up with ChunkVanishedError. One such race is rare; five in a row means a
+#: gc is sweeping that very chunk over and over.
+CHUNK_PUT_ATTEMPTS = 5
+
+
+def put_chunk(backend: Backend, key: str, encode: Callable[[], Sequence[Buffer]]) -> tuple[int, bool]:
+    """Make sure chunk `key` is stored: returns (its stored size, whether this call put it).
+
+    `head` first: a stored chunk is reused. Otherwise `encode()` (called at most once) is put
+    create-only; AlreadyExists means another writer stored the same bytes, whose size a second
+    `head` reads. A chunk that vanishes between those two checks (a gc swept that writer's
+    orphan) is a missing chunk again: it is put again, up to CHUNK_PUT_ATTEMPTS puts, then
+    ChunkVanishedError. A chunk that vanishes after this returns is the save's epoch re-check's
+    business (docs/FORMAT.md, "Garbage collection")."""
+    parts: Sequence[Buffer] | None = None
+    puts = 0
+    while True:
+        try:
+            return backend.head(key).size, False
+        except ObjectNotFoundError as exc:
+            if puts >= CHUNK_PUT_ATTEMPTS:
+                raise ChunkVanishedError(key, puts) from exc
+        if parts is None:
+            parts = encode()
+        puts += 1
+        try:
+            backend.put(key, parts, mode=CREATE)
+        except AlreadyExistsError:  # a concurrent writer stored the same bytes first: head it
+            continue
+        return total_length(parts), True
+
+
 @dataclass(frozen=True)
 class WrittenChunk:
     """A chunk after the write pass; `written` is False when it was already stored."""
@@ -100,17 +135,9 @@ class ChunkWriter:
         raw = _materialize(chunk, sources)
         digest = self.hash_fn(raw)
         key = chunk_key(digest)
-        try:
-            info = self.backend.head(key)
-            return WrittenChunk(ChunkEntry(digest, chunk.size, info.size), written=False)
-        except ObjectNotFoundError:
-            pass
-        parts = encode_chunk(raw, self.compression, self._element(chunk))
-        try:
-            self.backend.put(key, parts, mode=CREATE)
-        except AlreadyExistsError:  # a concurrent save wrote the same bytes first
-            return WrittenChunk(ChunkEntry(digest, chunk.size, self.backend.head(key).size), written=False)
-        return WrittenChunk(ChunkEntry(digest, chunk.size, total_length(parts)), written=True)
+        size, written = put_chunk(self.backend, key,
+                                  lambda: encode_chunk(raw, self.compression, self._element(chunk)))
+        return WrittenChunk(ChunkEntry(digest, chunk.size, size), written=written)
 
     def _element(self, chunk: PlannedChunk) -> ElementType:
         # A pack of tensors with one element type keeps it; a mixed pack is plain bytes.

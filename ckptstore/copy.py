@@ -5,7 +5,9 @@ Per step, in the order a save writes (docs/FORMAT.md, "Commit protocol"):
 1. read the source ref and manifest (the manifest must hash to its key);
 2. for every chunk the destination lacks (`head`), get the blob from the source, decode it
    and check its hash, so a corrupt source chunk is never propagated (`IntegrityError`),
-   then put it create-only (`AlreadyExists` is fine: the key is content-addressed);
+   then put it create-only (`AlreadyExists` is fine: the key is content-addressed; if the
+   `head` after it finds the chunk gone, a gc swept the other writer's copy, and it is put
+   again: `chunkio.put_chunk`, bounded, then `ChunkVanishedError`);
 3. put the manifest create-only under the same key;
 4. commit the destination ref with `commit_ref`: create-only, or compare-and-swap with
    `overwrite=True`, exactly like `Store.save` (`StepExistsError` otherwise).
@@ -32,8 +34,9 @@ from ckptstore import keys
 from ckptstore.backends.base import CREATE
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import HEADER_SIZE, decode_chunk
-from ckptstore.chunkio import bounded_map
+from ckptstore.chunkio import bounded_map, put_chunk
 from ckptstore.commit import commit_ref
+from ckptstore.epoch import read_epoch
 from ckptstore.errors import (
     AlreadyExistsError,
     FormatError,
@@ -44,7 +47,8 @@ from ckptstore.errors import (
     StepNotFoundError,
     UnsupportedFormatError,
 )
-from ckptstore.leases import DEFAULT_TTL, Lease, read_epoch, wait_for_gc
+from ckptstore.gclock import wait_for_gc
+from ckptstore.leases import DEFAULT_TTL, Lease
 from ckptstore.manifest import MAX_MANIFEST_BYTES, ChunkEntry, Manifest, Ref, decode_manifest, encode_manifest
 from ckptstore.progress import Progress
 from ckptstore.store import Store, writer_identity
@@ -187,10 +191,12 @@ def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, ov
 def _copy_chunk(src: Store, dst: Store, step: int, entry: ChunkEntry) -> tuple[ChunkEntry, int, bool]:
     """(entry, stored size in dst, whether this call transferred it)."""
     key = keys.chunk_key(entry.digest)
-    try:
-        return entry, dst.backend.head(key).size, False
-    except ObjectNotFoundError:
-        pass
+    size, copied = put_chunk(dst.backend, key, lambda: [_checked_blob(src, step, entry, key)])
+    return entry, size, copied
+
+
+def _checked_blob(src: Store, step: int, entry: ChunkEntry, key: str) -> bytes:
+    """The source's blob of chunk `key`, decoded and checked against its hash first."""
     limit = HEADER_SIZE + entry.raw_size  # a valid blob is never longer
     try:
         blob = src.backend.get_range(key, 0, limit + 1)
@@ -207,11 +213,7 @@ def _copy_chunk(src: Store, dst: Store, step: int, entry: ChunkEntry) -> tuple[C
     if src._hash(raw) != entry.digest:
         raise IntegrityError(f"step {step}: chunk {key} in {src.url} is corrupt: its content does not hash to "
                              f"its key; not copied")
-    try:
-        dst.backend.put(key, blob, mode=CREATE)
-    except AlreadyExistsError:  # a concurrent writer stored the same content first
-        return entry, dst.backend.head(key).size, False
-    return entry, len(blob), True
+    return blob
 
 
 def _manifest_for(dst: Store, source: _Source, sizes: dict[str, int]) -> tuple[str, bytes]:

@@ -18,6 +18,7 @@ The tree::
     │   └── TagNotFoundError          the requested tag has no ref
     ├── TagExistsError                tag without overwrite found the name taken
     ├── CommitConflictError           another writer replaced the step while we committed
+    ├── ChunkVanishedError            a chunk kept vanishing mid-save (a concurrent gc): nothing committed
     ├── IntegrityError                stored bytes do not match their hash
     ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
     │   └── UnsupportedFormatError    written by a newer/unknown format version
@@ -161,6 +162,24 @@ class CommitConflictError(CkptStoreError):
         super().__init__(
             f"step {step}: our commit {ours} lost a compare-and-swap race to {other}; "
             f"the stored step is the other writer's, nothing was clobbered"
+        )
+
+
+class ChunkVanishedError(CkptStoreError):
+    """A save (or cp) kept losing a chunk it was storing: every create-only put reported
+    AlreadyExists (another writer had stored the same bytes), yet each `head` after it found
+    the key gone, so a concurrent gc was sweeping that writer's orphan each time. Raised after
+    a bounded number of puts (ckptstore.chunkio.CHUNK_PUT_ATTEMPTS), before anything that
+    names the chunk is committed: nothing was committed, and saving again once the gc has
+    finished is expected to succeed. Not a BackendError: every storage operation succeeded."""
+
+    def __init__(self, key: str, attempts: int):
+        self.key = key
+        self.attempts = attempts
+        super().__init__(
+            f"chunk {key} kept vanishing: {attempts} create-only puts each reported it present, and each "
+            f"following head found it gone; probably removed by a concurrent gc. Nothing was committed; "
+            f"save again once the gc has finished"
         )
 
 
