@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,36 @@ def test_a_hang_fails_the_run(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(fuzz, "HANG_SECONDS", 0.2)
     with pytest.raises(fuzz.UntypedError, match="hang"):
         fuzz.fuzz_mutate("ref", 2000, seed=1)
+
+
+class _OuterAlarm(BaseException):  # like pytest-timeout's Failed: no `except Exception` stops it
+    pass
+
+
+def test_an_outer_alarm_still_goes_off(monkeypatch: pytest.MonkeyPatch):
+    """pytest-timeout's signal method arms ITIMER_REAL too: the fuzzer's per-input alarm must
+    neither cancel it nor take it for a decoder hang, and must hand the signal back."""
+    def outer(_signum: int, _frame: object) -> None:
+        raise _OuterAlarm
+
+    previous = signal.signal(signal.SIGALRM, outer)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 100.0)
+        fuzz.fuzz_mutate("ref", 300, seed=1)
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < left < 100.0 and signal.getsignal(signal.SIGALRM) is outer, "re-armed and handed back"
+
+        # Due while the fuzzer runs (each input takes 0.2 s, far below HANG_SECONDS): it goes
+        # off then, to its own handler, and not as a hang.
+        _with_target(monkeypatch, lambda data: time.sleep(0.2))
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        started = time.monotonic()
+        with pytest.raises(_OuterAlarm):
+            fuzz.fuzz_mutate("ref", 100, seed=1)
+        assert time.monotonic() - started < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.skipif(not fuzz.atheris_available(), reason="atheris not installed")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,26 +310,40 @@ def random_structure(rng: random.Random, name: str, base: bytes) -> bytes:
         return base
 
 
-@contextlib.contextmanager
-def _hang_alarm() -> Iterator[None]:
-    """While inside, `_run_timed` turns an input that takes over HANG_SECONDS into a finding."""
+class _HangAlarm:
+    """SIGALRM while fuzzing: a timer per input turns one over HANG_SECONDS into a finding.
+    ITIMER_REAL is shared with whoever armed it before (pytest-timeout's signal method): their
+    alarm still goes off at its time, to their handler, and is re-armed on the way out."""
 
-    def on_alarm(_signum: int, _frame: object) -> None:
+    def __enter__(self) -> _HangAlarm:
+        outer, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+        self.outer_deadline: float | None = time.monotonic() + outer if outer > 0 else None
+        self.previous = signal.signal(signal.SIGALRM, self._on_alarm)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous if self.previous is not None else signal.SIG_DFL)
+        if self.outer_deadline is not None:
+            signal.setitimer(signal.ITIMER_REAL, max(self.outer_deadline - time.monotonic(), 1e-3))
+
+    def _on_alarm(self, _signum: int, _frame: object) -> None:
+        if self.outer_deadline is not None and time.monotonic() >= self.outer_deadline - 1e-3:
+            self.outer_deadline = None  # theirs: hand the signal over, from now on
+            signal.signal(signal.SIGALRM, self.previous if self.previous is not None else signal.SIG_DFL)
+            signal.raise_signal(signal.SIGALRM)
+            return
         raise _Hang
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _run_timed(name: str, decode: Callable[[bytes], object], data: bytes, tally: Tally) -> None:
-    signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
-    try:
-        run_one(name, decode, data, tally)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    def run(self, name: str, decode: Callable[[bytes], object], data: bytes, tally: Tally) -> None:
+        timer = float(HANG_SECONDS)
+        if self.outer_deadline is not None:
+            timer = min(timer, max(self.outer_deadline - time.monotonic(), 1e-3))
+        signal.setitimer(signal.ITIMER_REAL, timer)
+        try:
+            run_one(name, decode, data, tally)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def fuzz_mutate(name: str, inputs: int, seed: int, bases: Sequence[bytes] = ()) -> Tally:
@@ -343,7 +356,7 @@ def fuzz_mutate(name: str, inputs: int, seed: int, bases: Sequence[bytes] = ()) 
     pool += bases
     originals = set(pool)
     tally = Tally()
-    with _hang_alarm():
+    with _HangAlarm() as alarm:
         for i in range(inputs):
             mutated = i >= replays
             if not mutated:
@@ -353,7 +366,7 @@ def fuzz_mutate(name: str, inputs: int, seed: int, bases: Sequence[bytes] = ()) 
             else:
                 data = random_structure(rng, name, rng.choice(pool))
             decoded = tally.decoded
-            _run_timed(name, decode, data, tally)
+            alarm.run(name, decode, data, tally)
             if mutated:
                 tally.mutants += 1
                 # A mutant identical to a seed (an edit undone by the next) proves nothing.
@@ -375,11 +388,11 @@ def corpus_inputs(corpus_dir: Path | None, name: str) -> list[bytes]:
 def replay_corpus(corpus_dir: Path | None, chosen: Sequence[str]) -> dict[str, Tally]:
     """Every corpus input of the `chosen` targets through its decoder; raises UntypedError."""
     results = {}
-    with _hang_alarm():
+    with _HangAlarm() as alarm:
         for name in chosen:
             decode, tally = targets()[name], Tally()
             for data in corpus_inputs(corpus_dir, name):
-                _run_timed(name, decode, data, tally)
+                alarm.run(name, decode, data, tally)
             results[name] = tally
     return results
 
