@@ -34,6 +34,7 @@ import ckptstore
 from ckptstore import keys
 from ckptstore.commit import read_ref
 from ckptstore.epoch import read_epoch
+from ckptstore.serverclock import CLOCK_RESOLUTION
 from ckptstore.store import Store
 from ckptstore.testing.crash import CrashResult, CrashSpec, KillPoint, Operation, run_crash
 from ckptstore.testing.scenarios import state_for, tag_of
@@ -53,8 +54,9 @@ TTL = 0.5
 
 def _stale_after(url: str) -> float:
     """Seconds after a child's death when its lease is stale by the server's clock: object
-    stores' modification times may have 1 s resolution (S3 LastModified), local files ns."""
-    return TTL + (0.1 if _is_local(url) else 1.1)
+    stores' modification times may have 1 s resolution (S3 LastModified), local files ns; and
+    nothing counts as stale before ttl + CLOCK_RESOLUTION."""
+    return TTL + CLOCK_RESOLUTION + (0.1 if _is_local(url) else 1.1)
 
 
 def _is_local(url: str) -> bool:
