@@ -47,7 +47,7 @@ from ckptstore.errors import (
     StepNotFoundError,
     UnsupportedFormatError,
 )
-from ckptstore.gclock import wait_for_gc
+from ckptstore.gclock import settle_with_gc
 from ckptstore.leases import DEFAULT_TTL, Lease
 from ckptstore.manifest import MAX_MANIFEST_BYTES, ChunkEntry, Manifest, Ref, decode_manifest, encode_manifest
 from ckptstore.progress import Progress
@@ -175,8 +175,9 @@ def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, ov
             if digest != source.digest:
                 report.manifests_rewritten += 1
             _put_manifest(dst, digest, encoded)
-            if read_epoch(dst.backend)[0].swept_since(epoch):
-                epoch = wait_for_gc(dst.backend, ttl=dst_ttl)
+            settled = settle_with_gc(dst.backend, epoch, ttl=dst_ttl, owner=owner)
+            if settled is not None:
+                epoch = settled
                 dst_sizes.clear()  # re-check every chunk this step references
                 transfer(source, bar)
                 digest, encoded = _manifest_for(dst, source, dst_sizes)

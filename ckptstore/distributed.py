@@ -64,7 +64,7 @@ from ckptstore.errors import (
     IntegrityError,
     StateConflictError,
 )
-from ckptstore.gclock import wait_for_gc
+from ckptstore.gclock import settle_with_gc
 from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
@@ -107,9 +107,8 @@ def settle_chunks(store: Any, epoch_at_start: Epoch, writer: ChunkWriter, plan: 
                   written: list[WrittenChunk], sources: list[memoryview]) -> None:
     """If a gc may have swept since `epoch_at_start`, wait for it and re-upload any chunk of
     `plan` it deleted (each rank does this for its own chunks before handing them over)."""
-    if not read_epoch(store.backend)[0].swept_since(epoch_at_start):
+    if settle_with_gc(store.backend, epoch_at_start, ttl=store.lease_ttl) is None:
         return
-    wait_for_gc(store.backend, ttl=store.lease_ttl)
     restore_missing(writer, plan, written, sources)
 
 
@@ -120,9 +119,8 @@ def settle_manifest(store: Any, epoch_at_start: Epoch, step: int, chunks: list[C
     rank already re-uploaded what a sweep took from it; a chunk missing now cannot be put back
     here (only its rank had the bytes): IntegrityError, nothing is committed."""
     backend = store.backend
-    if not read_epoch(backend)[0].swept_since(epoch_at_start):
+    if settle_with_gc(backend, epoch_at_start, ttl=store.lease_ttl) is None:
         return
-    wait_for_gc(backend, ttl=store.lease_ttl)
     if not backend.exists(manifest_key):
         with contextlib.suppress(AlreadyExistsError):
             backend.put(manifest_key, encoded, mode=CREATE)

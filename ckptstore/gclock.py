@@ -87,14 +87,28 @@ def break_gc_lock(backend: Backend, state: GCLockState, owner: str) -> bool:
     return True
 
 
-def wait_for_gc(backend: Backend, *, ttl: float, owner: str = "", clock: ServerClock | None = None,
-                poll: float = 0.2) -> Epoch:
-    """Block until no live gc is running; return the epoch seen then. A dead gc's lock is
-    broken first (see the module docstring). Ages are judged by the server's clock."""
+def settle_with_gc(backend: Backend, epoch_at_start: Epoch, *, ttl: float, owner: str = "") -> Epoch | None:
+    """A save's (tag's, copy's) step 3: read the epoch again, after the lease exists. None when
+    no gc can have swept since `epoch_at_start`; otherwise wait for the gcs that may not have
+    seen our lease and return the epoch then: the caller re-checks what it will reference."""
+    current, _ = read_epoch(backend)
+    if not current.swept_since(epoch_at_start):
+        return None
+    return wait_for_gc(backend, ttl=ttl, owner=owner, seen=current)
+
+
+def wait_for_gc(backend: Backend, *, ttl: float, owner: str = "", seen: Epoch | None = None,
+                clock: ServerClock | None = None, poll: float = 0.2) -> Epoch:
+    """Block until no live gc that was running at `seen` runs any more; return the epoch then.
+
+    `seen` must have been read after the caller's lease existed: a gc whose running epoch is
+    newer than it started after that, found the lease and deletes nothing, so it is not waited
+    for (without this, back-to-back gcs could keep a save waiting for ever). A dead gc's lock
+    is broken first (see the module docstring). Ages are judged by the server's clock."""
     clock = clock or probe_clock(backend)
     while True:
         epoch, _ = read_epoch(backend)
-        if not epoch.running:
+        if not epoch.running or (seen is not None and epoch.number > seen.number):
             return epoch
         state = gc_lock_state(backend, ttl=ttl, now=clock.now())
         if not state.held:

@@ -44,7 +44,7 @@ from ckptstore.errors import (
     UnsupportedValueError,
 )
 from ckptstore.gc import GCReport, collect_garbage
-from ckptstore.gclock import wait_for_gc
+from ckptstore.gclock import settle_with_gc
 from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
 from ckptstore.leases import DEFAULT_TTL, Lease, LockInfo, clear_stale, list_locks
 from ckptstore.manifest import (
@@ -283,9 +283,8 @@ class Store:
                         encoded_manifest: bytes) -> None:
         """Before committing: if a gc may have swept since we started, wait for it to finish
         and put back anything we are about to reference that it deleted."""
-        if not read_epoch(self.backend)[0].swept_since(epoch_at_start):
+        if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()) is None:
             return
-        wait_for_gc(self.backend, ttl=self.lease_ttl, owner=writer_identity())
         restore_missing(writer, plan, written, sources)
         if not self.backend.exists(keys.manifest_key(manifest_digest)):
             with contextlib.suppress(AlreadyExistsError):
@@ -364,8 +363,7 @@ class Store:
         with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
             target = self.ref(step)
             self._require_objects(target)
-            if read_epoch(self.backend)[0].swept_since(epoch_at_start):
-                wait_for_gc(self.backend, ttl=self.lease_ttl, owner=writer_identity())
+            if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()):
                 self._require_objects(target)
             ref = Ref(manifest=target.manifest, step=target.step, committed=time.time(), writer=writer_identity())
             try:

@@ -429,6 +429,43 @@ def test_a_save_sees_every_gc_that_did_not_see_its_lease(space: str, case: str) 
     assert _equal(_store(inner).load(2), 1)
 
 
+def test_a_waiting_save_does_not_wait_for_a_gc_that_began_after_its_lease(space: str) -> None:
+    """G1 is running when the save re-reads the epoch; G1 finishes and G2 begins at once (it
+    finds the save's lease, so it will delete nothing). The save must go on while G2 still
+    runs: waiting for "no gc running" let back-to-back gcs keep a save waiting for ever."""
+    inner = MemoryBackend(space)
+    _with_garbage(inner).gc(min_age=3600)
+    listed = [threading.Event(), threading.Event()]
+    resume = [threading.Event(), threading.Event()]
+    gc_views = [HookBackend(inner, [Hook("list", r"^locks/$", after=lambda i=i: (listed[i].set(),
+                                                                                resume[i].wait(WAIT)))])
+                for i in range(2)]
+    g1 = _in_thread(lambda: _store(gc_views[0]).gc(min_age=0))
+    assert listed[0].wait(WAIT)
+    g2: list[tuple[threading.Thread, dict[str, Any]]] = []
+    epoch_heads = 0
+
+    def at_epoch_read() -> None:
+        nonlocal epoch_heads
+        epoch_heads += 1
+        if epoch_heads == 3:  # the first look while waiting: G1 done, G2 running by now
+            resume[0].set()
+            _result(*g1)
+            g2.append(_in_thread(lambda: _store(gc_views[1]).gc(min_age=0)))
+            assert listed[1].wait(WAIT)
+
+    view = HookBackend(inner, [Hook("head", r"^locks/epoch$", before=at_epoch_read, times=None)])
+    save = _in_thread(lambda: _store(view).save(2, _state(1)))
+    save[0].join(10.0)
+    finished_while_g2_ran = not save[0].is_alive()
+    resume[1].set()
+    _result(*save)
+    report = _result(*g2[0])
+    assert finished_while_g2_ran, "the save waited for a gc that started after its lease"
+    assert not report.ran and report.blocking_leases, report  # G2 found the lease and stood down
+    assert _equal(_store(inner).load(2), 1)
+
+
 def test_two_creates_of_one_step_interleaved_commit_exactly_one(space: str) -> None:
     """Both saves reach their commit before either puts the ref: one wins, the other gets
     StepExistsError, and the step holds the winner's state whole."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from ckptstore.verify import verify
 pytestmark = pytest.mark.slow
 
 WRITERS = 3
-SECONDS = 20
+SAVES = 5  # per writer; each save after the first starts after a gc swept (stress_writer)
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -25,23 +26,28 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.parametrize("delete_delay", [0.0, 0.05], ids=["gc", "slow-sweep"])
-def test_gc_during_saves_never_breaks_a_committed_step(s3_bucket: str, delete_delay: float) -> None:
+def test_gc_during_saves_never_breaks_a_committed_step(s3_bucket: str, delete_delay: float, tmp_path: Path) -> None:
     url = f"s3://{s3_bucket}/stress"
     ckptstore.open(url)  # create the store once, before the processes race to
-    writers = [_spawn("stress-writer", url, str(w), str(SECONDS)) for w in range(1, WRITERS + 1)]
-    gc = _spawn("stress-gc", url, str(SECONDS + 2), str(delete_delay))
+    stop = tmp_path / "stop-gc"
+    gc = _spawn("stress-gc", url, str(stop), str(delete_delay))
+    writers = [_spawn("stress-writer", url, str(w), str(SAVES)) for w in range(1, WRITERS + 1)]
     outputs = []
-    for proc in [*writers, gc]:
-        out, err = proc.communicate(timeout=SECONDS + 120)
+    for proc in writers:
+        out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
         outputs.append(out)
-    committed = [int(line.split()[1]) for out in outputs[:-1] for line in out.splitlines()
+    stop.touch()
+    gc_out, gc_err = gc.communicate(timeout=300)
+    assert gc.returncode == 0, gc_err[-3000:]
+    committed = [int(line.split()[1]) for out in outputs for line in out.splitlines()
                  if line.startswith("committed")]
-    gc_runs = [line for line in outputs[-1].splitlines() if line.startswith("gc")]
+    gc_runs = [line for line in gc_out.splitlines() if line.startswith("gc")]
     swept = [line for line in gc_runs if "ran=1" in line]
     deleted = sum(int(line.rsplit("=", 1)[1]) for line in gc_runs)
     print(f"{len(committed)} commits, {len(gc_runs)} gc runs, {len(swept)} swept, {deleted} objects deleted")
-    assert len(committed) >= 3 * WRITERS and len(swept) >= 3 and deleted > 0, (len(committed), gc_runs[-5:])
+    assert len(committed) == WRITERS * SAVES
+    assert len(swept) >= SAVES - 1 and deleted > 0, gc_runs[-5:]
 
     store = ckptstore.open(url)
     # Every step that is still committed loads whole and equal to what its writer saved

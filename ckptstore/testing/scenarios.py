@@ -154,41 +154,50 @@ def stress_state(step: int) -> dict[str, Any]:
     return {f"t{i}": torch.randn(8 << 10, generator=torch.Generator().manual_seed(v)) for i, v in enumerate(picks)}
 
 
-def stress_writer(url: str, writer: int, seconds: float) -> None:
-    """Save steps writer*100000 + 1, 2, ... for `seconds`, keeping the last 2 (so earlier
-    steps' refs are deleted and their chunks orphaned while later saves reuse them)."""
+def stress_writer(url: str, writer: int, saves: int) -> None:
+    """Save steps writer*100000 + 1 .. + `saves`, keeping the last 2 (so earlier steps' refs
+    are deleted and their chunks orphaned while later saves reuse them). After each save it
+    waits until a gc has swept since (the epoch's last_sweep moved), so every save but the
+    first runs after a sweep whatever the machine's load: the interleaving is guaranteed,
+    not left to timing."""
     import random
+
+    from ckptstore.epoch import read_epoch
 
     rng = random.Random(writer)
     store = ckptstore.open(url, chunking=STRESS_CHUNKING)
-    deadline = time.monotonic() + seconds
-    n = 0
-    while time.monotonic() < deadline:
-        n += 1
+    for n in range(1, saves + 1):
         step = writer * 100_000 + n
+        swept_before = read_epoch(store.backend)[0].last_sweep
         store.save(step, stress_state(step), keep_last=2)
         print(f"committed {step}", flush=True)
-        time.sleep(rng.uniform(0.05, 0.4))  # trainers compute between saves: gc gets windows
+        time.sleep(rng.uniform(0.05, 0.4))  # trainers compute between saves
+        deadline = time.monotonic() + 120
+        while n < saves and read_epoch(store.backend)[0].last_sweep <= swept_before:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"writer {writer}: no gc swept within 120 s after step {step}")
+            time.sleep(0.05)
 
 
-def stress_gc(url: str, seconds: float, delete_delay: float) -> None:
-    """Run gc(min_age=0) back to back for `seconds`; each delete delayed by `delete_delay`."""
+def stress_gc(url: str, stop_file: str, delete_delay: float) -> None:
+    """Run gc(min_age=0) back to back until `stop_file` exists; each delete delayed by `delete_delay`."""
+    import os
+
     from ckptstore.store import Store
     from ckptstore.testing.wrappers import SlowDeleteBackend
     from ckptstore.url import open_backend
 
     backend = open_backend(url)
     store = Store(SlowDeleteBackend(backend, delay=delete_delay) if delete_delay else backend)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while not os.path.exists(stop_file):
         report = store.gc(min_age=0)
         print(f"gc ran={int(report.ran)} deleted={report.deleted_chunks + report.deleted_manifests}", flush=True)
 
 
 USAGE = """usage: python -m ckptstore.testing.scenarios crash-saver URL FIRST_STEP OVERWRITE_EVERY
        python -m ckptstore.testing.scenarios slow-saver URL STEP SEED DELAY
-       python -m ckptstore.testing.scenarios stress-writer URL WRITER SECONDS
-       python -m ckptstore.testing.scenarios stress-gc URL SECONDS DELETE_DELAY"""
+       python -m ckptstore.testing.scenarios stress-writer URL WRITER SAVES
+       python -m ckptstore.testing.scenarios stress-gc URL STOP_FILE DELETE_DELAY"""
 
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "crash-saver":
@@ -196,8 +205,8 @@ if __name__ == "__main__":
     elif len(sys.argv) == 6 and sys.argv[1] == "slow-saver":
         slow_saver(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif len(sys.argv) == 5 and sys.argv[1] == "stress-writer":
-        stress_writer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        stress_writer(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif len(sys.argv) == 5 and sys.argv[1] == "stress-gc":
-        stress_gc(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        stress_gc(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     else:
         sys.exit(USAGE)
