@@ -73,7 +73,7 @@ def _journal(path: Path, *records: dict[str, Any]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_check_finds_a_missing_chunk_and_a_vanished_commit(tmp_path: Path) -> None:
+def test_check_finds_a_missing_chunk_a_vanished_commit_and_what_workers_found(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
     store = ckptstore.open(url, chunking=CHUNKING)
     for step, seed in ((1, 11), (2, 22)):
@@ -99,17 +99,23 @@ def test_check_finds_a_missing_chunk_and_a_vanished_commit(tmp_path: Path) -> No
              *commit(7, 30.0, 5, "c5"),  # step 5: an rm that ended before the commit began excuses nothing
              {"ev": "begin", "seq": 9, "op": "rm", "t": 20.0, "step": 5},
              {"ev": "end", "seq": 9, "op": "rm", "outcome": "ok", "t": 21.0})
+    # A gc that audited a ref it could not follow: gone by the end, still a loss.
+    _journal(work / "journal" / "gc0-000.jsonl", {"ev": "start", "t": 0.0, "skew": -3.0},
+             {"ev": "begin", "seq": 1, "op": "gc", "t": 5.0},
+             {"ev": "end", "seq": 1, "op": "gc", "outcome": "ok", "t": 6.0, "ran": True, "broken": [
+                 {"key": "refs/tags/t9", "commit_id": "c9", "manifest": "cd" * 32, "error": "manifest is missing"}]})
     _journal(work / "orchestrator.jsonl")
     summary = check_store(SoakConfig(url=url, workdir=str(work)), work)
     lost = {p["key"]: p for p in summary["lost"]}
-    assert set(lost) == {keys.step_ref_key(2), keys.step_ref_key(3), keys.step_ref_key(5)}, summary["lost"]
+    assert set(lost) == {keys.step_ref_key(2), keys.step_ref_key(3), keys.step_ref_key(5), "refs/tags/t9"}, lost
     assert lost[keys.step_ref_key(2)]["missing_chunks"] == 1
     assert "vanished" in lost[keys.step_ref_key(3)]["why"]
-    assert summary["steps_lost"] == 3
+    assert "gc during the run" in lost["refs/tags/t9"]["why"]
+    assert summary["steps_lost"] == 4 and summary["counts"]["broken_refs_found_during_run"] == 1
     assert summary["check"] == {"refs_checked": 3, "step_refs_checked": 2, "tag_refs_checked": 1,
                                 "journaled_commits": 4, "journaled_still_current": 1,
                                 "journaled_vanished": 2, "journaled_removed_or_replaced": 1}
-    assert "steps lost: 3" in format_summary({**summary, "seconds": 0.0})
+    assert "steps lost: 4" in format_summary({**summary, "seconds": 0.0})
 
 
 # -- the soak ----------------------------------------------------------------------------------

@@ -53,9 +53,11 @@ The check, after every worker has stopped (at the deadline, or SIGKILLed after `
    untag or forced tag of that name) ended after the commit began; an operation killed mid-way
    counts as ending when its worker was killed, plus 2 s. A commit gone with no such
    operation vanished: lost.
-3. A load or tag during the run that failed with a missing or corrupt object while the ref
-   it read stayed the same before and after is lost as well (a load that raced a delete or
-   overwrite, and a tag refused because its step's data went away, are counted apart).
+3. During the run, loads check what they load; every new tag, and every ref a gc reports it
+   could not follow, is audited (its manifest read, each chunk headed). A missing or corrupt
+   object (or other content) under a ref that named the same commit before and after is lost,
+   even if that ref is gone by the end. (A load that raced a delete or overwrite, and a tag
+   refused because its step's data went away, are counted apart.)
 
 It prints counts of each kind of operation and outcome, retention deletions, gc runs (swept,
 stood down, busy, failed) and objects deleted, faults injected, kills, refs checked, every
@@ -73,6 +75,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -136,6 +139,7 @@ SMALL_ELEMENTS = 64
 OWN_ELEMENTS = 2048     # one tensor of its own per state (8 KiB, 2 chunks)
 _POOL_SALT = 0x50A4
 TAG_NAMES = 4
+_REF_KEY = re.compile(r"refs/(?:steps/[0-9]{20}|tags/[A-Za-z0-9_][A-Za-z0-9._-]*)")  # in gc's messages
 # An operation killed mid-way may still land requests it had sent: it ends this long after the kill.
 KILL_MARGIN_S = 2.0
 ROLES = ("saver", "overwriter", "tagger", "janitor", "gc")
@@ -478,32 +482,58 @@ class Worker:
                 "retention_errors": list(getattr(info, "retention_errors", ()))}
 
     def load_and_check(self, target: int | str) -> dict[str, Any]:
-        """Load a step or tag and compare it with its seed's state; a missing or corrupt object
-        while the ref stayed the same throughout ends the operation as "broken"."""
+        """Load a step or tag and compare it with its seed's state. A missing or corrupt object,
+        or other content, while the ref stayed the same throughout is a loss: the operation ends
+        as "broken" with the evidence (else as "raced": the ref changed under the load)."""
         before = self.store.ref(target)
         try:
             manifest = self.store.manifest(before.manifest)
             state = self.store.load(target)
         except (IntegrityError, FormatError) as exc:
-            raise self.judge(target, before, exc, otherwise="raced") from exc
+            found = self.evidence(target, before, f"{type(exc).__name__}: {exc}")
+            raise _Outcome("broken" if found else "raced", commit_id=before.commit_id, broken=found,
+                           error=f"{type(exc).__name__}: {exc}"[:800]) from exc
         if self.store.ref(target).commit_id != before.commit_id:
             return {"commit_id": before.commit_id, "checked": False}  # replaced meanwhile: which one we read is unknown
         seed = manifest.metadata.get("seed") if isinstance(manifest.metadata, dict) else None
         if not isinstance(seed, int) or not states_equal(state, make_state(seed)):
-            raise _Outcome("broken", commit_id=before.commit_id, manifest=before.manifest,
-                           error=f"content differs from the state of its seed {seed!r}")
+            problem = f"content differs from the state of its seed {seed!r}"
+            raise _Outcome("broken", commit_id=before.commit_id, error=problem,
+                           broken=[{"key": _ref_key(target), "commit_id": before.commit_id,
+                                    "manifest": before.manifest, "error": problem}])
         return {"commit_id": before.commit_id, "checked": True}
 
-    def judge(self, target: int | str, before: Any, exc: Exception, *, otherwise: str) -> _Outcome:
-        """The outcome of an operation on `target` that found an object missing or corrupt:
-        "broken" (a loss) if its ref names the same commit as `before` did, before the
-        operation, else `otherwise` (the ref went away or changed under the operation)."""
+    def evidence(self, target: int | str, before: Any, problem: str) -> list[dict[str, Any]]:
+        """`problem` (a missing or corrupt object under the ref `before` of `target`) as evidence
+        of a loss, if the ref still names the same commit now: then it named it throughout, so
+        nothing it reaches may be missing. Empty if the ref changed or cannot be read now."""
         try:
-            after: str | None = self.store.ref(target).commit_id
-        except ckptstore.StepNotFoundError:
-            after = None
-        return _Outcome("broken" if after == before.commit_id else otherwise, commit_id=before.commit_id,
-                        manifest=before.manifest, error=f"{type(exc).__name__}: {exc}"[:800])
+            after = self.store.ref(target).commit_id
+        except ckptstore.CkptStoreError:
+            return []
+        if after != before.commit_id:
+            return []
+        return [{"key": _ref_key(target), "commit_id": before.commit_id, "manifest": before.manifest,
+                 "error": problem[:800]}]
+
+    def audit(self, target: int | str) -> list[dict[str, Any]]:
+        """Check that everything the ref of `target` reaches exists (the manifest, a head of each
+        chunk); evidence of a loss as in `evidence`, else empty (also when it cannot tell)."""
+        try:
+            before = self.store.ref(target)
+        except ckptstore.CkptStoreError:
+            return []
+        try:
+            manifest = self.store.manifest(before.manifest)
+            missing = [c.digest for c in manifest.chunks if not self.store.backend.exists(keys.chunk_key(c.digest))]
+        except (IntegrityError, FormatError) as exc:
+            return self.evidence(target, before, f"{type(exc).__name__}: {exc}")
+        except ckptstore.CkptStoreError:
+            return []
+        if not missing:
+            return []
+        return self.evidence(target, before, f"{len(missing)} of {len(manifest.chunks)} chunks missing, e.g. "
+                                             f"{keys.chunk_key(missing[0])}")
 
     def new_seed(self) -> int:
         return self.rng.getrandbits(62)
@@ -531,8 +561,11 @@ class Worker:
                 except (IntegrityError, FormatError) as exc:
                     # tag() refuses a step whose manifest or chunks are gone: fine if the step
                     # went away meanwhile ("refused"), a loss if its ref stayed the same.
-                    raise self.judge(step, before, exc, otherwise="refused") from exc
-                return {"commit_id": ref.commit_id, "manifest": ref.manifest}
+                    found = self.evidence(step, before, f"{type(exc).__name__}: {exc}")
+                    raise _Outcome("broken" if found else "refused", broken=found,
+                                   error=f"{type(exc).__name__}: {exc}"[:800]) from exc
+                # A tag committed while its step was deleted and swept names a missing manifest.
+                return {"commit_id": ref.commit_id, "manifest": ref.manifest, "broken": self.audit(name)}
 
             self.op("tag", {"name": name, "step": step, "overwrite": force}, tag)
         elif roll < 0.7:
@@ -557,8 +590,13 @@ class Worker:
         def collect() -> dict[str, Any]:
             report = self.store.gc(min_age=0)
             out = report.as_dict()
+            # A ref gc could not follow: audit it while it may still be there (a gc that
+            # fails closed also names refs it could not read for a transient reason).
+            named = {m.group(0).rstrip(".-") for text in getattr(report, "broken_refs", [])
+                     for m in _REF_KEY.finditer(str(text))}
+            out["broken"] = [found for key in sorted(named) for found in self.audit(_ref_target(key))]
             for name, value in list(out.items()):
-                if isinstance(value, list):  # names of leases and broken refs: a few are enough
+                if isinstance(value, list) and name != "broken":  # names of leases and refs: a few are enough
                     out[f"{name}_count"], out[name] = len(value), [str(v)[:300] for v in value[:5]]
             return out
 
@@ -756,6 +794,17 @@ def _step_key(step: int) -> str:
     return keys.step_ref_key(step)
 
 
+def _ref_key(target: int | str) -> str:
+    """The ref key of a step (int) or tag (str)."""
+    return keys.step_ref_key(target) if isinstance(target, int) else keys.tag_ref_key(target)
+
+
+def _ref_target(key: str) -> int | str:
+    """The step (int) or tag name (str) of a ref key."""
+    step = keys.step_from_ref_key(key)
+    return step if step is not None else key[len(keys.TAG_REFS):]
+
+
 def _removals(op: _Op) -> list[str]:
     """The ref keys `op` may have deleted or replaced ("refs/steps/*": any step)."""
     ok, unknown, begin = op.outcome == "ok", op.unknown, op.begin
@@ -900,15 +949,13 @@ def check_store(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
                                                   "could have removed it",
                 "now": current[key].commit_id if key in current else None}
 
-    # Loads and tags during the run that found a missing or corrupt object under an unchanged ref.
+    # Loads, tags and gc audits during the run that found a ref, unchanged throughout, naming a
+    # missing or corrupt object (or other content).
     for op in ops:
-        if op.outcome != "broken" or op.end is None:
-            continue
-        target = op.begin["target"] if op.name == "load" else op.begin["step"]
-        key = _step_key(target) if isinstance(target, int) else keys.tag_ref_key(target)
-        lost.setdefault((key, op.end["commit_id"]), {
-            "key": key, "commit_id": op.end["commit_id"], "manifest": op.end.get("manifest"),
-            "by": f"{op.slot}.{op.incarnation}", "t": op.t0, "why": f"load during the run: {op.end.get('error')}"})
+        for found in (op.end or {}).get("broken", []):
+            lost.setdefault((found["key"], found["commit_id"]), {
+                **found, "by": f"{op.slot}.{op.incarnation}", "t": op.t0,
+                "why": f"found by a {op.name} during the run: {found['error']}"})
 
     summary = _tally(cfg, ops, lifecycle, events, crashes)
     summary["check"] = {"refs_checked": sum(checked.values()), "step_refs_checked": checked["steps"],
@@ -970,6 +1017,7 @@ def _tally(cfg: SoakConfig, ops: list[_Op], lifecycle: list[dict[str, Any]], eve
         "kills": sum(kills.values()),
         "worker_starts": sum(1 for e in events if e["ev"] == "spawn"),
         "worker_crashes": len(crashes),
+        "broken_refs_found_during_run": sum(len(op.end.get("broken", [])) for op in ops if op.end),
         "loads_raced": sum(1 for op in ops if op.name == "load" and op.outcome == "raced"),
         "tags_refused": sum(1 for op in ops if op.name == "tag" and op.outcome == "refused"),
         "unexpected_errors": len(unexpected),
@@ -1017,6 +1065,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{chk.get('journaled_still_current', 0)} still current, "
         f"{chk.get('journaled_removed_or_replaced', 0)} removed or replaced, "
         f"{chk.get('journaled_vanished', 0)} vanished",
+        f"refs found broken during the run (unchanged throughout): {c['broken_refs_found_during_run']}",
         f"unexpected errors: {c['unexpected_errors']}",
     ]
     for u in s["unexpected"][:10]:
