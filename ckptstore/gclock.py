@@ -32,6 +32,7 @@ from ckptstore.errors import (
     GCLockLostError,
     ObjectNotFoundError,
     PreconditionFailedError,
+    TransientError,
 )
 from ckptstore.leases import is_stale
 from ckptstore.liveness import holder_is_dead
@@ -141,6 +142,11 @@ class GCLock:
         payload = lock_payload(self.owner)
         try:
             self.version = self.backend.put(GC_LOCK, payload, mode=CREATE)
+        except TransientError:
+            # The create may have landed: a lock of ours that nobody refreshes would make every
+            # save wait for a ttl, so take it back if it is ours, then fail.
+            self._discard_if_ours(payload)
+            raise
         except AlreadyExistsError:
             state = gc_lock_state(self.backend, ttl=self.ttl, now=probe_clock(self.backend).now())
             if state.held or state.version is None:
@@ -153,6 +159,12 @@ class GCLock:
         self._thread = threading.Thread(target=self._refresh, name="ckptstore-gc-lock", daemon=True)
         self._thread.start()
         return True
+
+    def _discard_if_ours(self, payload: bytes) -> None:
+        with contextlib.suppress(Exception):
+            found = self.backend.get_small(GC_LOCK, MAX_REF_BYTES)
+            if found.data == payload:
+                self.backend.delete(GC_LOCK, version=found.version)
 
     def prove(self) -> float:
         """Refresh the lock by compare-and-swap against the version we last wrote; return the

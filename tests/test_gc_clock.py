@@ -286,3 +286,19 @@ def test_crash_leftovers_younger_than_the_lease_ttl_survive_even_with_min_age_ze
     report = store.gc(min_age=0)
     assert report.staging_removed == 1
     assert young.exists() and not old.exists()
+
+
+def test_a_gc_lock_create_of_unknown_outcome_is_taken_back(backend: MemoryBackend) -> None:
+    """The create lands but the client only sees a timeout: the gc fails, and leaves no lock
+    of its own behind that would hold up every save for a ttl."""
+    from ckptstore.errors import TransientError
+
+    view = FaultInjectingBackend(backend, [Fault("put", key=f"^{GC_LOCK}$", action="apply_then_fail",
+                                                 error=TransientError("timeout"))])
+    with pytest.raises(TransientError):
+        GCLock(view, "gc", ttl=TTL).acquire()
+    assert not backend.exists(GC_LOCK)
+    other = _lock_bytes(owner="other")  # somebody else's lock is never taken back
+    backend.put(GC_LOCK, other)
+    GCLock(view, "gc", ttl=TTL)._discard_if_ours(_lock_bytes(owner="gc"))
+    assert backend.get(GC_LOCK).data == other
