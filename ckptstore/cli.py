@@ -7,44 +7,16 @@ commit conflict, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ckptstore import errors
+from ckptstore.demo import run_demo
+from ckptstore.display import format_time, human_bytes, print_json, print_steps, table
 from ckptstore.url import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 0, 1, 2, 3, 4
-
-
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _time(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=lambda o: o.hex() if isinstance(o, bytes) else repr(o)))
 
 
 def _open(url: str) -> Any:
@@ -54,30 +26,7 @@ def _open(url: str) -> Any:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from ckptstore.report import step_summaries
-
-    with _open(args.url) as store:
-        rows = step_summaries(store)
-        tags: dict[int, list[str]] = {}
-        for name, step in store.tags().items():
-            tags.setdefault(step, []).append(name)
-    if args.json:
-        _print_json([{**r.as_dict(), "tags": tags.get(r.step, [])} for r in rows])
-        return EXIT_OK
-    if not rows:
-        print(f"no steps in {args.url}")
-        return EXIT_OK
-    print(_table(
-        ["STEP", "COMMITTED (UTC)", "TENSORS", "LOGICAL", "STORED", "NEW", "SEQ", "TAGS"],
-        [[str(r.step), _time(r.committed), str(r.tensors), human_bytes(r.logical_bytes),
-          human_bytes(r.stored_bytes), human_bytes(r.new_bytes), str(r.seq), ",".join(tags.get(r.step, []))]
-         for r in rows],
-        right={0, 2, 3, 4, 5, 6},
-    ))
-    logical = sum(r.logical_bytes for r in rows)
-    stored = sum(r.new_bytes for r in rows)
-    ratio = f"{logical / stored:.2f}x" if stored else "-"
-    print(f"{len(rows)} steps, {human_bytes(logical)} logical, {human_bytes(stored)} stored (dedup {ratio})")
+    print_steps(args.url, as_json=args.json)
     return EXIT_OK
 
 
@@ -87,10 +36,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
         details = step_details(store, args.step)
     if args.json:
-        _print_json(details)
+        print_json(details)
         return EXIT_OK
     print(f"step        {details['step']}")
-    print(f"committed   {_time(details['committed'])} UTC by {details['writer']}")
+    print(f"committed   {format_time(details['committed'])} UTC by {details['writer']}")
     print(f"commit      {details['commit_id']} (seq {details['seq']})")
     print(f"manifest    {details['manifest']}")
     if details["replaces"]:
@@ -102,7 +51,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     tensors = details["tensors"]
     print(f"tensors     {len(tensors)}")
     if tensors:
-        print(_table(
+        print(table(
             ["PATH", "DTYPE", "SHAPE", "BYTES"],
             [[t["path"], t["dtype"] if t["kind"] == "torch" else f"{t['kind']}:{t['dtype']}",
               "[" + ", ".join(map(str, t["shape"])) + "]", human_bytes(t["nbytes"])] for t in tensors],
@@ -150,7 +99,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         for step in targets:
             store.delete(step)
     if args.json:
-        _print_json({"deleted": targets})
+        print_json({"deleted": targets})
     else:
         print(f"deleted {len(targets)} step(s): {_brief(targets)} (run gc to free their data)")
     return EXIT_OK
@@ -182,7 +131,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except errors.StoreNotFoundError:
         store_info = {"store": False}
     if args.json:
-        _print_json({"url": report.url, "ok": report.ok, **checks, **store_info})
+        print_json({"url": report.url, "ok": report.ok, **checks, **store_info})
     else:
         for name, held in checks.items():
             print(f"{'ok  ' if held else 'FAIL'}  {name.replace('_', ' ')}")
@@ -262,7 +211,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return EXIT_NOT_FOUND
         report = verify(store, steps, deep=args.deep, progress=True)
     if args.json:
-        _print_json(report.as_dict())
+        print_json(report.as_dict())
         return EXIT_OK if report.ok else EXIT_ERROR
     for p in report.problems:
         print(f"step {p.step}  {p.kind}  {p.key}  {p.detail}")
@@ -283,7 +232,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
         usage = disk_usage(store)
     if args.json:
-        _print_json(usage.as_dict())
+        print_json(usage.as_dict())
         return EXIT_OK
     ratio = f"{usage.dedup_ratio:.2f}x" if usage.dedup_ratio is not None else "-"
     print(f"steps       {usage.steps}" + (f" ({usage.tags} tags)" if usage.tags else ""))
@@ -318,7 +267,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
             report = copy_steps(src, dst, steps, overwrite=args.overwrite, skip_existing=args.skip_existing,
                                 progress=True)
     if args.json:
-        _print_json(report.as_dict())
+        print_json(report.as_dict())
         return EXIT_OK
     print(f"copied {report.steps_copied} steps" + (f" ({_brief(report.steps)})" if report.steps else "")
           + f" from {redact(report.src)} to {redact(report.dst)}: {report.chunks_copied} chunks, "
@@ -355,7 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"ckptstore export: {exc}", file=sys.stderr)
             return EXIT_ERROR
     if args.json:
-        _print_json({"step": step, "format": args.format, "files": [str(f) for f in files]})
+        print_json({"step": step, "format": args.format, "files": [str(f) for f in files]})
         return EXIT_OK
     print(f"exported step {step} as {args.format} to {len(files)} file(s):")
     for f in files:
@@ -380,7 +329,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             print(f"ckptstore import: {exc}", file=sys.stderr)
             return EXIT_ERROR
     if args.json:
-        _print_json({"format": kind, **info.__dict__})
+        print_json({"format": kind, **info.__dict__})
         return EXIT_OK
     print(f"imported {args.source} ({kind}) as step {info.step}: {info.tensors} tensors, "
           f"{human_bytes(info.logical_bytes)} logical, {human_bytes(info.new_bytes)} new in "
@@ -404,7 +353,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
         report = store.gc(dry_run=args.dry_run, min_age=args.min_age)
     if args.json:
-        _print_json(report.as_dict())
+        print_json(report.as_dict())
     else:
         _print_fields(report.as_dict())
     if report.failed:  # it failed closed: kept everything, and says why
@@ -436,14 +385,14 @@ def cmd_tag(args: argparse.Namespace) -> int:
                     raise errors.TagNotFoundError(args.name, store.url)
                 tags = {args.name: tags[args.name]}
             if args.json:
-                _print_json(tags)
+                print_json(tags)
             elif tags:
-                print(_table(["TAG", "STEP"], [[n, str(s)] for n, s in tags.items()], right={1}))
+                print(table(["TAG", "STEP"], [[n, str(s)] for n, s in tags.items()], right={1}))
             else:
                 print(f"no tags in {args.url}")
             return EXIT_OK
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         print(text)
     return EXIT_OK
@@ -454,12 +403,12 @@ def cmd_locks(args: argparse.Namespace) -> int:
         cleared = store.clear_stale_locks() if args.clear_stale else []
         locks = store.locks()
     if args.json:
-        _print_json({"locks": [lock.as_dict() for lock in locks], "cleared": [lock.as_dict() for lock in cleared]})
+        print_json({"locks": [lock.as_dict() for lock in locks], "cleared": [lock.as_dict() for lock in cleared]})
         return EXIT_OK
     for lock in cleared:
         print(f"cleared stale {lock.kind} {lock.name} (owner {lock.owner}, {lock.age_seconds:.0f}s old)")
     if locks:
-        print(_table(["NAME", "KIND", "OWNER", "AGE", "STALE"],
+        print(table(["NAME", "KIND", "OWNER", "AGE", "STALE"],
                      [[lk.name, lk.kind, lk.owner, f"{lk.age_seconds:.0f}s", "stale" if lk.stale else ""]
                       for lk in locks], right={3}))
     else:
@@ -468,8 +417,6 @@ def cmd_locks(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ckptstore.demo import run_demo
-
     run_demo(args.dir, steps=args.steps)
     return EXIT_OK
 

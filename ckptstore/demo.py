@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import ckptstore
-from ckptstore.cli import cmd_ls, human_bytes
+from ckptstore.display import human_bytes, print_steps
 
 
 def _make_model() -> tuple[Any, Any]:
@@ -29,8 +29,6 @@ def _state(model: Any, optimizer: Any, step: int) -> dict[str, Any]:
 
 def run_demo(directory: str, *, steps: int = 6) -> None:
     """Run the demo against the store at `directory` (created if missing)."""
-    import argparse
-
     import torch
 
     torch.manual_seed(0)
@@ -71,4 +69,4 @@ def run_demo(directory: str, *, steps: int = 6) -> None:
     if not same:
         raise RuntimeError("demo: resumed weights differ from the trained ones")
     print()
-    cmd_ls(argparse.Namespace(url=directory, json=False))
+    print_steps(directory, as_json=False)

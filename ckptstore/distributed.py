@@ -1,7 +1,8 @@
 """One step saved by many ranks through the plain API: `store.save(step, state)` on every rank.
 
-Used by `Store.save` when a torch.distributed process group is initialised (or passed as
-`process_group=`) and has more than one rank. This docstring is the user's guide.
+Used by `Store.save` (ckptstore/store.py) when a torch.distributed process group is
+initialised (or passed as `process_group=`) and has more than one rank. It builds on the
+store's kernel (ckptstore/kernel.py), never on the Store. This docstring is the user's guide.
 
 What each rank passes: its own state. The committed state is the union of every rank's tree:
 dicts are merged key by key; anything else (a tensor, a scalar, a list, ...) is a *leaf*. A
@@ -65,6 +66,7 @@ from ckptstore.errors import (
     StateConflictError,
 )
 from ckptstore.gclock import settle_with_gc
+from ckptstore.kernel import SaveInfo, StoreKernel, writer_identity
 from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
@@ -352,11 +354,10 @@ class _Outcome:
     error: Exception | None = None
 
 
-def save_across_ranks(store: Any, group: Any, step: int, state: Any, *, overwrite: bool, metadata: Any,
+def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, overwrite: bool, metadata: Any,
                       keep_last: int | None, keep_every: int | None,
-                      check_arguments: Callable[[], None]) -> Any:
+                      check_arguments: Callable[[], None]) -> SaveInfo:
     """Store.save on every rank of `group` (see the module docstring); returns SaveInfo."""
-    from ckptstore.store import SaveInfo, writer_identity
     from ckptstore.tensors import describe, is_tensor
 
     started = time.perf_counter()
@@ -408,7 +409,7 @@ def save_across_ranks(store: Any, group: Any, step: int, state: Any, *, overwrit
                     raise error
                 assert epoch_at_start is not None
                 outcome = _Outcome(info=_commit(store, merged, partials, step, epoch_at_start, overwrite, metadata,
-                                                keep_last, keep_every, started, SaveInfo, writer_identity()))
+                                                keep_last, keep_every, started, writer_identity()))
             except Exception as exc:
                 outcome = _Outcome(error=_portable(exc))
         outcome = ranks.broadcast(outcome, "broadcast of the outcome")
@@ -417,7 +418,7 @@ def save_across_ranks(store: Any, group: Any, step: int, state: Any, *, overwrit
     return outcome.info
 
 
-def _write_own(store: Any, rank: int, merged: MergedState, sources: list[Any], epoch: Epoch) -> dict[str, Any]:
+def _write_own(store: StoreKernel, rank: int, merged: MergedState, sources: list[Any], epoch: Epoch) -> dict[str, Any]:
     """This rank's part: write the chunks of the tensors it owns, hash its replicated ones."""
     own = [(g, local) for g, (owner, local) in enumerate(merged.owners) if owner == rank]
     datas = [sources[local].data for _, local in own]
@@ -438,9 +439,9 @@ def _write_own(store: Any, rank: int, merged: MergedState, sources: list[Any], e
     return {"segments": segments, "digests": digests, "new": new}
 
 
-def _commit(store: Any, merged: MergedState, partials: list[dict[str, Any]], step: int, epoch: Epoch,
+def _commit(store: StoreKernel, merged: MergedState, partials: list[dict[str, Any]], step: int, epoch: Epoch,
             overwrite: bool, metadata: Any, keep_last: int | None, keep_every: int | None, started: float,
-            save_info: Any, writer: str) -> Any:
+            writer: str) -> SaveInfo:
     """Rank 0: check replicas, build and commit the manifest, apply retention."""
     for g, copies in merged.replicas.items():
         owner_rank = merged.owners[g][0]
@@ -458,7 +459,7 @@ def _commit(store: Any, merged: MergedState, partials: list[dict[str, Any]], ste
     new: dict[str, int] = {}
     for partial in partials:
         new.update(partial["new"])
-    info = save_info(
+    info = SaveInfo(
         step=step, manifest=digest, commit_id=committed.commit_id, seq=committed.seq, replaced=committed.replaces,
         tensors=len(entries), logical_bytes=manifest.logical_bytes, chunks=len(table.chunks),
         new_chunks=len(new), new_bytes=sum(new.values()), seconds=time.perf_counter() - started)

@@ -14,25 +14,27 @@ A save reads the epoch before it creates its lease and again before it commits; 
 ran or is running in between, it waits for it to finish and re-checks that every object it
 is about to reference still exists (re-uploading what vanished). So a gc that did not see a
 save's lease can never leave that save's commit pointing at a deleted object.
+
+gc needs only the store's backend and the hash function its marker names (`Store.gc` passes
+them); it knows nothing of the Store.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ckptstore import keys
+from ckptstore.backends.base import Backend
 from ckptstore.commit import read_ref
 from ckptstore.epoch import set_epoch
 from ckptstore.errors import CkptStoreError, GCLockLostError, IntegrityError, ObjectNotFoundError
 from ckptstore.gclock import GCLock
 from ckptstore.leases import fresh_leases
 from ckptstore.manifest import MAX_MANIFEST_BYTES, decode_manifest
-
-if TYPE_CHECKING:
-    from ckptstore.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +76,35 @@ class _MarkFailed(Exception):
     """Some ref or manifest could not be read: the sweep must not run."""
 
 
-def _read_manifest_chunks(store: Store, digest: str) -> set[str]:
+def _read_manifest_chunks(backend: Backend, hash_: Callable[[Any], str], digest: str) -> set[str]:
     """The chunk digests of manifest `digest`, always hash-checked: gc trusts no manifest whose
     bytes are not the ones its ref named, whatever the store's `verify` setting."""
     key = keys.manifest_key(digest)
     try:
-        data = store.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
+        data = backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
     except ObjectNotFoundError as exc:
         raise IntegrityError(f"manifest {key} is missing") from exc
-    if store._hash(data) != digest:
+    if hash_(data) != digest:
         raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
     return {c.digest for c in decode_manifest(data).chunks}
 
 
-def _mark(store: Store, report: GCReport) -> tuple[set[str], set[str]]:
+def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tuple[set[str], set[str]]:
     """Every manifest and chunk a ref reaches. Raises _MarkFailed (after recording every
     broken ref in the report) if any ref or its manifest cannot be read: only a ref that is
     confirmed gone lets its objects become garbage."""
     manifests: set[str] = set()
     chunks: set[str] = set()
-    for info in store.backend.list(keys.REFS):
+    for info in backend.list(keys.REFS):
         try:
-            found = read_ref(store.backend, info.key)
+            found = read_ref(backend, info.key)
             if found is None:
                 continue  # deleted since the listing: confirmed gone
             report.refs += 1
             digest = found[0].manifest
             if digest in manifests:
                 continue
-            chunks.update(_read_manifest_chunks(store, digest))
+            chunks.update(_read_manifest_chunks(backend, hash_, digest))
             manifests.add(digest)
         except CkptStoreError as exc:  # transient, permission, unsupported format, corrupt, missing
             report.broken_refs.append(f"{info.key}: {type(exc).__name__}: {exc}")
@@ -117,41 +119,41 @@ def _fail_closed_reason(report: GCReport) -> str:
             f"(fix or remove them; `ckptstore verify` tells more)")
 
 
-def collect_garbage(store: Store, *, owner: str, dry_run: bool = False, min_age: float = 3600.0,
-                    ttl: float) -> GCReport:
-    """Run one gc over `store` (see the module docstring); never raises for "busy" or for a
+def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str, dry_run: bool = False,
+                    min_age: float = 3600.0, ttl: float) -> GCReport:
+    """Run one gc over the store on `backend`, whose objects are named by `hash_` (the hash
+    function its marker names; see the module docstring). Never raises for "busy" or for a
     failed-closed run: the report says (`report.failed`)."""
     started = time.monotonic()
     report = GCReport(dry_run=dry_run)
     if dry_run:  # read-only: no lock, no epoch, just what a sweep would delete now
         try:
-            manifests, chunks = _mark(store, report)
+            manifests, chunks = _mark(backend, hash_, report)
         except _MarkFailed:
             report.reason = _fail_closed_reason(report)
         else:
             # A dry run writes nothing, so it has no server time: the local clock only changes
             # which young objects it reports as kept.
-            _sweep(store, manifests, chunks, report, now=time.time(), min_age=min_age, lock=None)
+            _sweep(backend, manifests, chunks, report, now=time.time(), min_age=min_age, lock=None)
             report.ran = True
         report.seconds = time.monotonic() - started
         return report
 
-    lock = GCLock(store.backend, owner, ttl=ttl)
+    lock = GCLock(backend, owner, ttl=ttl)
     if not lock.acquire():
         report.reason = "another gc holds locks/gc"
         report.seconds = time.monotonic() - started
         return report
     try:
-        _collect_locked(store, lock, report, owner=owner, min_age=min_age, ttl=ttl)
+        _collect_locked(backend, hash_, lock, report, owner=owner, min_age=min_age, ttl=ttl)
     finally:
         lock.release()
     report.seconds = time.monotonic() - started
     return report
 
 
-def _collect_locked(store: Store, lock: GCLock, report: GCReport, *, owner: str, min_age: float,
-                    ttl: float) -> None:
-    backend = store.backend
+def _collect_locked(backend: Backend, hash_: Callable[[Any], str], lock: GCLock, report: GCReport, *, owner: str,
+                    min_age: float, ttl: float) -> None:
     running = set_epoch(backend, running=True, owner=owner)
     swept_in: int | None = None
     try:
@@ -162,13 +164,13 @@ def _collect_locked(store: Store, lock: GCLock, report: GCReport, *, owner: str,
             return
         swept_in = running.number  # from here on objects may vanish
         try:
-            manifests, chunks = _mark(store, report)
+            manifests, chunks = _mark(backend, hash_, report)
         except _MarkFailed:
             report.reason = _fail_closed_reason(report)
-            log.warning("gc of %s %s: %s", store.url, report.reason, "; ".join(report.broken_refs))
+            log.warning("gc of %s %s: %s", backend.url, report.reason, "; ".join(report.broken_refs))
             return
         now = lock.prove()  # the sweep starts only while the lock is provably ours
-        _sweep(store, manifests, chunks, report, now=now, min_age=min_age, lock=lock)
+        _sweep(backend, manifests, chunks, report, now=now, min_age=min_age, lock=lock)
         cleanup = getattr(backend, "cleanup_staging", None)
         if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
             # Never younger than the lease TTL: a save this gc did not see (it began
@@ -179,7 +181,7 @@ def _collect_locked(store: Store, lock: GCLock, report: GCReport, *, owner: str,
     except GCLockLostError as exc:
         report.lock_lost, report.ran = True, False
         report.reason = str(exc)
-        log.warning("gc of %s stopped: %s", store.url, exc)
+        log.warning("gc of %s stopped: %s", backend.url, exc)
     finally:
         _finish_epoch(lock, owner=owner, swept_in=swept_in)
 
@@ -195,11 +197,10 @@ def _finish_epoch(lock: GCLock, *, owner: str, swept_in: int | None) -> None:
     set_epoch(lock.backend, running=False, owner=owner, swept_in=swept_in)
 
 
-def _sweep(store: Store, manifests: set[str], chunks: set[str], report: GCReport, *, now: float,
+def _sweep(backend: Backend, manifests: set[str], chunks: set[str], report: GCReport, *, now: float,
            min_age: float, lock: GCLock | None) -> None:
     """Delete (dry run: count) unmarked manifests and chunks at least `min_age` old at server
     time `now`. With a lock, every DELETE_BATCH deletes start with a proof of ownership."""
-    backend = store.backend
     in_batch = 0
     for prefix, keep, is_chunk in ((keys.MANIFESTS, manifests, False), (keys.CHUNKS, chunks, True)):
         for info in backend.list(prefix):

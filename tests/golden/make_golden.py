@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 import ckptstore
+import ckptstore.kernel
 import ckptstore.manifest
-import ckptstore.store
 from ckptstore.chunkblob import Compression, ElementType, encode_chunk
 from ckptstore.chunking import ChunkingPolicy
 from ckptstore.manifest import Marker, Ref, encode_marker, encode_ref
@@ -85,7 +85,7 @@ def golden_state() -> dict[str, Any]:
 
 
 class _Clock:
-    """Stands in for the `time` module inside ckptstore.store: a clock stopped at `now`."""
+    """Stands in for the `time` module inside ckptstore.kernel: a clock stopped at `now`."""
 
     def __init__(self, now: float):
         self.now = now
@@ -101,8 +101,8 @@ class _Clock:
 @contextmanager
 def _pinned(clock: _Clock) -> Iterator[None]:
     fixed_secrets = types.SimpleNamespace(token_hex=lambda n: STORE_COMMIT_ID)
-    with mock.patch.object(ckptstore.store, "time", clock), \
-            mock.patch.object(ckptstore.store, "writer_identity", lambda: STORE_WRITER), \
+    with mock.patch.object(ckptstore.kernel, "time", clock), \
+            mock.patch.object(ckptstore.kernel, "writer_identity", lambda: STORE_WRITER), \
             mock.patch.object(ckptstore.manifest, "secrets", fixed_secrets):
         yield
 

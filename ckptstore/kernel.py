@@ -1,0 +1,515 @@
+"""The store's kernel: everything a Store does from one process, and what it builds on.
+
+`StoreKernel` opens (or creates) the store's marker, saves a step from this process alone,
+settles with a concurrent gc, applies retention, tags, reads, loads and deletes steps, and
+lists or clears locks. It is the only code that knows the order of writes of a save
+(docs/FORMAT.md, "Commit protocol"): chunks, then the manifest, then the ref. A step exists
+exactly when its ref does, and a ref only ever names a complete manifest.
+
+The layers above it import it, never the other way round: saves across ranks
+(ckptstore/distributed.py), background saves (ckptstore/async_save.py), and the public
+`ckptstore.store.Store`, which adds process-group dispatch, `save_async` and `gc` to it. gc
+(ckptstore/gc.py) needs only a backend and the store's hash, not the kernel. Users import
+`Store`, `open`, `SaveInfo` and `StepInfo` from ckptstore or ckptstore.store, and
+`writer_identity` from ckptstore.store: this module is not public.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import msgpack
+
+from ckptstore import keys
+from ckptstore.backends.base import CREATE, Backend
+from ckptstore.canary import ensure_conditional_writes
+from ckptstore.chunkblob import Compression
+from ckptstore.chunking import ChunkingPolicy, ChunkPlan, plan_chunks
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, WrittenChunk, bounded_map, restore_missing
+from ckptstore.commit import commit_ref, read_ref
+from ckptstore.epoch import Epoch, read_epoch
+from ckptstore.errors import (
+    AlreadyExistsError,
+    CkptStoreError,
+    FormatError,
+    InsufficientMemoryError,
+    IntegrityError,
+    ObjectNotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+    StepExistsError,
+    StepNotFoundError,
+    StoreNotFoundError,
+    TagExistsError,
+    TagNotFoundError,
+    UnsupportedValueError,
+)
+from ckptstore.gclock import settle_with_gc
+from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
+from ckptstore.leases import DEFAULT_TTL, Lease, LockInfo, clear_stale, list_locks
+from ckptstore.manifest import (
+    MAX_MANIFEST_BYTES,
+    MAX_REF_BYTES,
+    ChunkEntry,
+    Manifest,
+    Marker,
+    Ref,
+    TensorEntry,
+    decode_manifest,
+    decode_marker,
+    encode_manifest,
+    encode_marker,
+)
+from ckptstore.serverclock import probe_clock
+from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path, lookup, map_tensors
+
+# The public Store's logger: retention and lock-age warnings keep the name they always had.
+log = logging.getLogger("ckptstore.store")
+
+DEFAULT_THREADS = 4
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What a save did: the commit, and how many bytes it had to write."""
+
+    step: int
+    manifest: str
+    commit_id: str
+    seq: int
+    replaced: str | None  # manifest the commit replaced (overwrite), if any
+    tensors: int
+    logical_bytes: int
+    chunks: int
+    new_chunks: int
+    new_bytes: int  # stored bytes of chunks this save wrote (the rest deduplicated)
+    seconds: float
+    retention_deleted: tuple[int, ...] = ()  # steps whose refs retention deleted after the commit
+    # Retention deletions that failed after the commit (also logged as warnings). The step is
+    # committed all the same: a failed clean-up never turns a committed save into an error.
+    retention_errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """A committed step: its ref and manifest."""
+
+    step: int
+    ref: Ref
+    manifest: Manifest
+
+
+def writer_identity() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}:{os.getpid()}"
+
+
+_K = TypeVar("_K", bound="StoreKernel")
+
+
+class StoreKernel:
+    """A checkpoint store on one backend, used from this process alone: the single-process
+    core of `ckptstore.store.Store` (users open a Store with `ckptstore.open(url)`)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        create: bool = True,
+        chunking: ChunkingPolicy | None = None,
+        compression: Compression | None = None,
+        threads: int = DEFAULT_THREADS,
+        verify: bool = True,
+        hash_algorithm: str = DEFAULT_ALGORITHM,
+        lease_ttl: float = DEFAULT_TTL,
+    ):
+        self.backend = backend
+        self.lease_ttl = lease_ttl
+        self.chunking = chunking or ChunkingPolicy()
+        self.compression = compression or Compression()
+        self.threads = max(1, threads)
+        self.verify = verify
+        hasher(hash_algorithm)  # reject an unknown name before anything is written
+        self.marker = self._open_marker(create, hash_algorithm)
+        self._hash = hasher(self.marker.hash_algorithm)
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def __enter__(self: _K) -> _K:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the backend's connections."""
+        self.backend.close()
+
+    def _open_marker(self, create: bool, hash_algorithm: str) -> Marker:
+        try:
+            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
+        except ObjectNotFoundError:
+            if not create:
+                raise StoreNotFoundError(
+                    f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
+                    f"save a step there first, or check the URL"
+                ) from None
+        ensure_conditional_writes(self.backend)  # creating the marker is a create-only put too
+        marker = Marker(hash_algorithm, time.time())
+        try:
+            self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
+            return marker
+        except AlreadyExistsError:  # another process created the store first: use theirs
+            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
+
+    # -- save ------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
+             keep_last: int | None = None, keep_every: int | None = None) -> SaveInfo:
+        """Save `state` as `step` from this process alone and commit it atomically, then apply
+        retention (`Store.save` documents the arguments; it adds the save across ranks)."""
+        started = time.perf_counter()
+        self._check_save_arguments(step, metadata, keep_last, keep_every)
+        # The epoch is read before the lease exists: a gc that lists leases before our lease
+        # appears must have bumped the epoch after this read, and we see that at commit.
+        epoch_at_start, _ = read_epoch(self.backend)
+        with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
+            info = self._save_leased(step, state, overwrite, metadata, epoch_at_start, started)
+        return self.retain_after_commit(info, keep_last=keep_last, keep_every=keep_every)
+
+    def _check_save_arguments(self, step: int, metadata: Any, keep_last: int | None,
+                              keep_every: int | None) -> None:
+        keys.check_step(step)
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        ensure_conditional_writes(self.backend)
+        try:
+            msgpack.packb(metadata, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise UnsupportedValueError("metadata", f"must be plain msgpack values: {exc}") from exc
+
+    def _save_leased(self, step: int, state: Any, overwrite: bool, metadata: Any, epoch_at_start: Epoch,
+                     started: float) -> SaveInfo:
+        from ckptstore.tensors import describe, is_tensor
+
+        sources = []
+
+        def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
+            if not is_tensor(value):
+                return None
+            sources.append(describe(value, format_path(path)))
+            return len(sources) - 1
+
+        tree = encode_tree(state, on_tensor)
+        plan = plan_chunks([s.data.nbytes for s in sources], self.chunking)
+        writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads,
+                             elements=[s.element for s in sources])
+        written = writer.write(plan, [s.data for s in sources])
+
+        # One table entry per distinct chunk; planned slots map onto it.
+        table: dict[str, int] = {}
+        chunks: list[ChunkEntry] = []
+        for result in written:
+            if result.entry.digest not in table:
+                table[result.entry.digest] = len(chunks)
+                chunks.append(result.entry)
+        slot_to_index = [table[result.entry.digest] for result in written]
+        tensors = tuple(
+            TensorEntry(src.kind, src.dtype, src.shape,
+                        tuple((slot_to_index[slot], offset, length) for slot, offset, length in segs))
+            for src, segs in zip(sources, plan.segments, strict=True)
+        )
+        manifest = Manifest(step, time.time(), metadata, tree, tensors, tuple(chunks))
+        encoded = encode_manifest(manifest)
+        manifest_digest = self._hash(encoded)
+        with contextlib.suppress(AlreadyExistsError):  # identical manifest already stored
+            self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
+        self._settle_with_gc(epoch_at_start, plan, written, writer, [s.data for s in sources],
+                             manifest_digest, encoded)
+
+        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=writer_identity())
+        committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
+        new = [r for r in written if r.written]
+        return SaveInfo(
+            step=step, manifest=manifest_digest, commit_id=committed.commit_id, seq=committed.seq,
+            replaced=committed.replaces, tensors=len(tensors), logical_bytes=manifest.logical_bytes,
+            chunks=len(chunks), new_chunks=len({r.entry.digest for r in new}),
+            new_bytes=sum({r.entry.digest: r.entry.stored_size for r in new}.values()),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _settle_with_gc(self, epoch_at_start: Epoch, plan: ChunkPlan, written: list[WrittenChunk],
+                        writer: ChunkWriter, sources: list[memoryview], manifest_digest: str,
+                        encoded_manifest: bytes) -> None:
+        """Before committing: if a gc may have swept since we started, wait for it to finish
+        and put back anything we are about to reference that it deleted."""
+        if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()) is None:
+            return
+        restore_missing(writer, plan, written, sources)
+        if not self.backend.exists(keys.manifest_key(manifest_digest)):
+            with contextlib.suppress(AlreadyExistsError):
+                self.backend.put(keys.manifest_key(manifest_digest), encoded_manifest, mode=CREATE)
+
+    # -- retention and tags ------------------------------------------------------------------
+    def apply_retention(self, *, keep_last: int | None = None, keep_every: int | None = None,
+                        protect: tuple[int, ...] = ()) -> list[int]:
+        """Delete the refs of steps that no rule keeps; returns the deleted steps.
+
+        Kept: the `keep_last` newest steps, multiples of `keep_every`, tagged steps, `protect`.
+        Only refs are deleted (each at the version just read: a step re-committed meanwhile is
+        kept); gc frees the data. Tries every doomed step, then raises the first failure.
+        """
+        deleted, failures = self._retain(keep_last=keep_last, keep_every=keep_every, protect=protect)
+        if failures:
+            raise failures[0][1]
+        return deleted
+
+    def retain_after_commit(self, info: SaveInfo, *, keep_last: int | None, keep_every: int | None) -> SaveInfo:
+        """Retention after a committed save: never raises, because the commit stands. What it
+        could not delete goes into `SaveInfo.retention_errors` and is logged as a warning."""
+        if keep_last is None and keep_every is None:
+            return info
+        try:
+            deleted, failures = self._retain(keep_last=keep_last, keep_every=keep_every, protect=(info.step,))
+            errors = [f"step {step}: {type(exc).__name__}: {exc}" for step, exc in failures]
+        except CkptStoreError as exc:  # listing the steps or tags failed: nothing was deleted
+            deleted, errors = [], [f"retention did not run: {type(exc).__name__}: {exc}"]
+        for error in errors:
+            log.warning("step %d of %s is committed, but retention failed: %s", info.step, self.url, error)
+        return replace(info, retention_deleted=tuple(deleted), retention_errors=tuple(errors))
+
+    def _retain(self, *, keep_last: int | None, keep_every: int | None,
+                protect: tuple[int, ...]) -> tuple[list[int], list[tuple[int, CkptStoreError]]]:
+        steps = self.steps()
+        keep = set(protect) | set(self.tags().values())
+        if keep_last is not None:
+            keep.update(steps[-keep_last:])
+        if keep_every is not None:
+            keep.update(s for s in steps if s % keep_every == 0)
+        deleted: list[int] = []
+        failures: list[tuple[int, CkptStoreError]] = []
+        for step in (s for s in steps if s not in keep):
+            try:
+                if self._delete_ref(keys.step_ref_key(step)):
+                    deleted.append(step)
+            except PreconditionFailedError:
+                continue  # re-committed since we looked: a new commit is not ours to delete
+            except CkptStoreError as exc:
+                failures.append((step, exc))
+        return deleted, failures
+
+    def _delete_ref(self, key: str) -> bool:
+        """Delete the ref at `key` at the version it has now; False if there is none. Deleting
+        by version means an SDK retry of a delete that landed cannot remove a commit made
+        in between (PreconditionFailedError instead, where the backend enforces it)."""
+        try:
+            version = self.backend.head(key).version
+        except ObjectNotFoundError:
+            return False
+        self.backend.delete(key, version=version)
+        return True
+
+    def tag(self, name: str, step: int | str, *, overwrite: bool = False) -> Ref:
+        """Name `step` (refs/tags/<name>); a tagged step is never deleted by retention, and
+        its data survives gc even if the step's own ref is deleted. Raises TagExistsError, and
+        IntegrityError when the step's manifest or a chunk of it is gone.
+
+        A tag is a commit like a save's (docs/FORMAT.md): epoch, lease, check that every object
+        it will reference exists, re-check after any sweep, then the conditional put.
+        """
+        key = keys.tag_ref_key(name)
+        ensure_conditional_writes(self.backend)
+        epoch_at_start, _ = read_epoch(self.backend)
+        with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
+            target = self.ref(step)
+            self._require_objects(target)
+            if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()):
+                self._require_objects(target)
+            ref = Ref(manifest=target.manifest, step=target.step, committed=time.time(), writer=writer_identity())
+            try:
+                return commit_ref(self.backend, key, ref, overwrite=overwrite)
+            except StepExistsError:
+                existing = read_ref(self.backend, key)
+                raise TagExistsError(name, existing[0].step if existing else -1) from None
+
+    def _require_objects(self, ref: Ref) -> None:
+        """Raise IntegrityError unless the manifest `ref` names and every chunk of it exist."""
+        manifest = self.manifest(ref.manifest)
+        digests = sorted({c.digest for c in manifest.chunks})
+        present = bounded_map(lambda d: self.backend.exists(keys.chunk_key(d)), digests, self.threads)
+        missing = [d for d, ok in zip(digests, present, strict=True) if not ok]
+        if missing:
+            raise IntegrityError(f"step {ref.step}: {len(missing)} chunk(s) of its manifest are gone "
+                                 f"(e.g. {keys.chunk_key(missing[0])}); it cannot be tagged")
+
+    def untag(self, name: str) -> None:
+        """Remove the tag `name` (at the version read now). Raises TagNotFoundError."""
+        if not self._delete_ref(keys.tag_ref_key(name)):
+            raise TagNotFoundError(name, self.url)
+
+    def tags(self) -> dict[str, int]:
+        """Tag name -> tagged step."""
+        found = {}
+        for info in self.backend.list(keys.TAG_REFS):
+            ref = read_ref(self.backend, info.key)
+            if ref is not None:
+                found[info.key[len(keys.TAG_REFS):]] = ref[0].step
+        return dict(sorted(found.items()))
+
+    # -- locks -------------------------------------------------------------------------------
+    def locks(self) -> list[LockInfo]:
+        """Leases and locks under locks/, with owner, age and staleness by the server's clock
+        (read off a scratch write; with read-only credentials, the local clock, with a warning)."""
+        try:
+            now = probe_clock(self.backend).now()
+        except PermissionDeniedError:
+            log.warning("cannot write to %s: lock ages below use this machine's clock, not the server's", self.url)
+            now = time.time()
+        return list_locks(self.backend, ttl=self.lease_ttl, now=now)
+
+    def clear_stale_locks(self) -> list[LockInfo]:
+        """Delete leases and locks whose holder stopped refreshing them, judged by the server's
+        clock and deleted only at the version judged; returns them."""
+        return clear_stale(self.backend, ttl=self.lease_ttl, now=probe_clock(self.backend).now())
+
+    # -- read ------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        found = (keys.step_from_ref_key(info.key) for info in self.backend.list(keys.STEP_REFS))
+        return sorted(step for step in found if step is not None)
+
+    def latest(self) -> int | None:
+        """The highest committed step, or None for an empty store."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def ref(self, step: int | str) -> Ref:
+        """The ref of `step`, or of the tag named by a str. Raises StepNotFoundError."""
+        if isinstance(step, str):
+            tagged = read_ref(self.backend, keys.tag_ref_key(step))
+            if tagged is None:
+                raise TagNotFoundError(step, self.url)
+            return tagged[0]
+        found = read_ref(self.backend, keys.step_ref_key(step))
+        if found is None:
+            raise StepNotFoundError(step, self.url)
+        if found[0].step != step:
+            raise FormatError(f"ref of step {step} names step {found[0].step}: refs are not copied between keys")
+        return found[0]
+
+    def manifest(self, digest: str) -> Manifest:
+        """The manifest stored under `digest`, checked against it."""
+        key = keys.manifest_key(digest)
+        try:
+            # Bounded read: a hostile object at a manifest key cannot make us allocate more.
+            data = self.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
+        except ObjectNotFoundError as exc:
+            raise IntegrityError(f"manifest {key} is missing") from exc
+        if self.verify and self._hash(data) != digest:
+            raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
+        return decode_manifest(data)
+
+    def info(self, step: int | str) -> StepInfo:
+        """The ref and manifest of a committed step (or tag)."""
+        ref = self.ref(step)
+        return StepInfo(ref.step, ref, self.manifest(ref.manifest))
+
+    def _resolve(self, step: int | str | None) -> int | str:
+        if step is None:
+            latest = self.latest()
+            if latest is None:
+                raise StepNotFoundError("latest", self.url)
+            return latest
+        return step if isinstance(step, str) else keys.check_step(step)
+
+    def load(self, step: int | str | None = None, *, into: Any = None) -> Any:
+        """The state saved as `step` (default: the latest step; a str names a tag).
+
+        With `into`, tensors at the same paths in that tree are filled in place (CPU
+        contiguous tensors receive the bytes directly) and returned in the result.
+        Raises StepNotFoundError, IntegrityError (corrupt or missing data, naming the step,
+        tensor and key) or StateMismatchError (an `into` tensor of another shape or dtype).
+        """
+        # A load lease makes a concurrent gc stand down. Read-only credentials cannot write
+        # one: the load goes ahead without (gc's min_age still protects it in practice).
+        with Lease(self.backend, "load", writer_identity(), ttl=self.lease_ttl, required=False):
+            return self._load_leased(step, into)
+
+    def _load_leased(self, step: int | str | None, into: Any) -> Any:
+        from ckptstore.tensors import allocate
+
+        step = self._resolve(step)
+        manifest = self.info(step).manifest
+        tree = decode_tree(manifest.tree)
+        if into is None:  # everything is allocated here: refuse what cannot fit up front
+            _check_fits(step, manifest.logical_bytes)
+        targets: dict[int, Any] = {}
+        labels: dict[int, str] = {}
+
+        def place(path: tuple[Any, ...], ref: TensorRef) -> TensorRef:
+            if ref.index >= len(manifest.tensors):
+                raise FormatError(f"step {step}: tree references tensor {ref.index} of {len(manifest.tensors)}")
+            if ref.index not in targets:
+                labels[ref.index] = format_path(path)
+                try:
+                    targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index],
+                                                  lookup(into, path) if into is not None else None)
+                except (MemoryError, RuntimeError) as exc:  # torch reports allocation failures as RuntimeError
+                    if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                        raise
+                    raise InsufficientMemoryError(
+                        f"step {step}: allocating {labels[ref.index]} "
+                        f"({manifest.tensors[ref.index].nbytes} bytes) failed: {exc}") from exc
+            return ref
+
+        map_tensors(tree, place)
+        landings: dict[int, list[Landing]] = {}
+        for index, target in targets.items():
+            position = 0
+            for chunk_index, offset, length in manifest.tensors[index].segments:
+                landings.setdefault(chunk_index, []).append(
+                    Landing(offset, length, target.data[position:position + length], labels[index]))
+                position += length
+        reader = ChunkReader(self.backend, self._hash, self.threads, verify=self.verify)
+        reader.read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], f"step {step}")
+        finished = {index: target.finish() for index, target in targets.items()}
+        return map_tensors(tree, lambda _path, ref: finished[ref.index])
+
+    # -- delete ----------------------------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Delete the ref of `step` (its data is freed by gc), at the version read now.
+        Raises StepNotFoundError, or PreconditionFailedError if the step was re-committed in
+        between (the new commit stays)."""
+        try:
+            deleted = self._delete_ref(keys.step_ref_key(step))
+        except PreconditionFailedError as exc:
+            raise PreconditionFailedError(f"step {step} was committed again while it was being deleted; "
+                                          f"the new commit was kept", key=exc.key, operation="delete") from exc
+        if not deleted:
+            raise StepNotFoundError(step, self.url)
+
+
+def _check_fits(step: int | str, nbytes: int) -> None:
+    """Raise InsufficientMemoryError when a load of `nbytes` cannot fit in RAM plus swap."""
+    from ckptstore.sysmem import machine_memory_bytes
+
+    limit = machine_memory_bytes()
+    if limit is not None and nbytes > limit:
+        raise InsufficientMemoryError(
+            f"step {step} holds {nbytes} bytes of tensors, more than this machine's memory "
+            f"({limit} bytes of RAM and swap); load(into=...) fills existing tensors instead")
