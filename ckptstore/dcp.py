@@ -17,11 +17,16 @@ Importing this module imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import re
+import secrets
+import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +54,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ckptstore import errors, keys
+from ckptstore.backends.base import OVERWRITE, Backend
 from ckptstore.canary import ensure_conditional_writes
 from ckptstore.chunkblob import BYTES, ElementType
 from ckptstore.chunking import plan_chunks
@@ -64,7 +70,8 @@ from ckptstore.store import Store, writer_identity
 from ckptstore.tensors import describe, torch_dtype_name
 from ckptstore.tree import TensorRef, decode_tree, encode_tree
 
-__all__ = ["DCP_FORMAT", "StoreReader", "StoreWriter", "load", "save", "unwrap"]
+__all__ = ["DCP_FORMAT", "PickleRefusedError", "StoreReader", "StoreWriter", "async_save", "load",
+           "parse_checkpoint_id", "save", "unwrap"]
 
 #: Version of the layout under the tree's "dcp" key (docs/DCP.md).
 DCP_FORMAT = 1
@@ -98,19 +105,65 @@ def unwrap(exc: BaseException) -> CkptStoreError | None:
     return unwrap(cause) if cause is not None and cause is not exc else None
 
 
-def save(state_dict: dict[str, Any], store: Store, step: int, *, overwrite: bool = False,
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The ckptstore error inside DCP's `exc` (with `exc` as its cause), or `exc` itself."""
+    inner = unwrap(exc)
+    if inner is None or inner is exc:
+        return exc
+    inner.__cause__ = exc
+    return inner
+
+
+def save(state_dict: dict[str, Any], store: Store, step: int | str | os.PathLike[str], *, overwrite: bool = False,
          **kwargs: Any) -> Metadata:
     """`torch.distributed.checkpoint.save` with a StoreWriter; a ckptstore error (e.g.
-    StepExistsError) is raised as itself, on every rank, instead of a CheckpointException."""
+    StepExistsError) is raised as itself, on every rank, instead of a CheckpointException.
+    Whatever happened, this rank's save lease is gone when it returns (docs/DCP.md)."""
     import torch.distributed.checkpoint as dcp
 
+    writer = StoreWriter(store, step, overwrite=overwrite)
     try:
-        return dcp.save(state_dict, storage_writer=StoreWriter(store, step, overwrite=overwrite), **kwargs)
+        return dcp.save(state_dict, storage_writer=writer, **kwargs)
     except BaseException as exc:
-        inner = unwrap(exc)
-        if inner is None or inner is exc:
-            raise
-        raise inner from exc
+        raise _unwrapped(exc)  # noqa: B904 - the cause is set: DCP's exception
+    finally:
+        writer.release()
+
+
+def async_save(state_dict: dict[str, Any], store: Store | None = None, step: int | str | os.PathLike[str] | None = None,
+               *, overwrite: bool = False, storage_writer: StoreWriter | None = None,
+               **kwargs: Any) -> Future[Metadata]:
+    """`torch.distributed.checkpoint.async_save` with a StoreWriter (`store` and `step`, or a
+    `storage_writer` to reuse; `checkpoint_id=` switches its step). Returns a future whose
+    result is DCP's Metadata; a ckptstore error (e.g. StepExistsError, also from a PROCESS-mode
+    child) is raised by `result()` as itself. When the save ends, however it ends, this rank's
+    save lease is gone, also the one a PROCESS-mode child took (docs/DCP.md).
+    `async_checkpointer_type`, `process_group`, `planner`, `async_stager` go to DCP as they are."""
+    import concurrent.futures as cf
+
+    import torch.distributed.checkpoint as dcp
+
+    if storage_writer is None:
+        if store is None or step is None:
+            raise TypeError("async_save needs store and step, or storage_writer")
+        storage_writer = StoreWriter(store, step, overwrite=overwrite)
+    checkpoint_id = kwargs.pop("checkpoint_id", None)
+    storage_writer.reset(checkpoint_id)  # here, not in a PROCESS-mode child: its leases carry our token
+    response = dcp.async_save(state_dict, storage_writer=storage_writer, **kwargs)
+    upload: Any = getattr(response, "upload_completion", response)
+    out: cf.Future[Metadata] = cf.Future()
+    writer = storage_writer
+
+    def done(future: Any) -> None:
+        writer.release(children=True)
+        exc = future.exception()
+        if exc is None:
+            out.set_result(future.result())
+        else:
+            out.set_exception(_unwrapped(exc))
+
+    upload.add_done_callback(done)
+    return out  # type: ignore[return-value]
 
 
 def load(state_dict: dict[str, Any], store: Store, step: int | str | None = None, *, trust_pickle: bool = False,
@@ -123,10 +176,44 @@ def load(state_dict: dict[str, Any], store: Store, step: int | str | None = None
     try:
         dcp.load(state_dict, storage_reader=reader, **kwargs)
     except BaseException as exc:
-        inner = unwrap(exc)
-        if inner is None or inner is exc:
-            raise
-        raise inner from exc
+        raise _unwrapped(exc)  # noqa: B904 - the cause is set: DCP's exception
+
+
+# -- checkpoint_id ---------------------------------------------------------------------------
+_STEP_NAME = re.compile(r"(?:step[-_])?([0-9]+)")
+LATEST = "latest"
+
+
+def _forms(reader: bool) -> str:
+    forms = "an int, or a str or path whose last component is N, step-N or step_N (e.g. 8, 'step-8', '/ckpt/step_8')"
+    if reader:
+        forms += "; for a StoreReader also 'latest' (or a path ending in it) or a tag name (e.g. 'best')"
+    return forms
+
+
+def parse_checkpoint_id(checkpoint_id: Any, *, reader: bool = False) -> int | str | None:
+    """The step a DCP `checkpoint_id` names (docs/DCP.md): an int, or a str or path whose last
+    component is `N`, `step-N` or `step_N`. With `reader=True` also `latest` (returns None)
+    or a tag name without a path separator (returns the name). ValueError for anything else,
+    listing the accepted forms."""
+    if isinstance(checkpoint_id, int) and not isinstance(checkpoint_id, bool):
+        if 0 <= checkpoint_id <= keys.MAX_STEP:
+            return checkpoint_id
+    elif isinstance(checkpoint_id, (str, os.PathLike)):
+        text = os.fspath(checkpoint_id)
+        if isinstance(text, str):
+            last = text.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
+            match = _STEP_NAME.fullmatch(last)
+            if match and int(match[1]) <= keys.MAX_STEP:
+                return int(match[1])
+            if reader and last == LATEST:
+                return None
+            if reader and "/" not in text and os.sep not in text:
+                with contextlib.suppress(errors.InvalidKeyError):
+                    keys.tag_ref_key(text)
+                    return text
+    what = "StoreReader" if reader else "StoreWriter"
+    raise ValueError(f"{what}: checkpoint_id {checkpoint_id!r} names no step; use {_forms(reader)}")
 
 
 # -- Metadata <-> plain msgpack data ---------------------------------------------------------
@@ -253,30 +340,90 @@ def metadata_from_plain(obj: Any) -> Metadata:
 
 
 # -- writing ---------------------------------------------------------------------------------
+class _SaveLease(Lease):
+    """One rank's save lease for one DCP save (docs/DCP.md, "gc protocol across ranks").
+
+    Refreshed in the background only while a DCP call of the save runs on this rank
+    (`write_data`; `finish` on the coordinator), so a save DCP aborts between calls leaves a
+    lease nobody refreshes, stale one TTL later. Its key, locks/save-<token>-<nonce>, starts
+    with the writer's token: the process that pickled the writer into a PROCESS-mode child
+    can end the child's leases by listing them (`StoreWriter.release(children=True)`)."""
+
+    def __init__(self, backend: Backend, token: str, *, ttl: float):
+        super().__init__(backend, "save", writer_identity(), ttl=ttl)
+        self.key = keys.lock_key(f"save-{token}-{secrets.token_hex(4)}")
+
+    def pause(self) -> None:
+        """Stop refreshing; the lease object stays until deleted or stale."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def resume(self) -> None:
+        """Refresh now, then in the background again."""
+        if not self.held:
+            return
+        self.backend.put(self.key, self._payload(), mode=OVERWRITE)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name="ckptstore-lease", daemon=True)
+        self._thread.start()
+
+
 def _close_lease(lease: Lease | None) -> None:
     if lease is not None:
         lease.__exit__(None, None, None)
 
 
+def _delete_leases(backend: Backend, names: Any) -> None:
+    """Delete save leases by key (a leftover goes stale and is ignored anyway)."""
+    for name in names:
+        if isinstance(name, str) and name.startswith(keys.lock_key("save-")):
+            with contextlib.suppress(Exception):
+                backend.delete(name)
+
+
+def _epoch_to_plain(epoch: Epoch) -> list[Any]:
+    return [epoch.number, epoch.running, epoch.owner, epoch.last_sweep]
+
+
+def _epoch_from_plain(value: Any) -> Epoch:
+    if (not isinstance(value, list) or len(value) != 4 or not isinstance(value[0], int)
+            or not isinstance(value[1], bool) or not isinstance(value[2], str) or not isinstance(value[3], int)):
+        raise FormatError(f"a rank's write results carry a malformed gc epoch: {value!r}"[:200])
+    return Epoch(value[0], value[1], value[2], value[3])
+
+
+def _writer_step(checkpoint_id: Any) -> int:
+    step = parse_checkpoint_id(checkpoint_id)
+    assert isinstance(step, int)
+    return step
+
+
 class StoreWriter(StorageWriter):
     """A DCP StorageWriter that saves into `store` as `step` (one manifest, one commit).
 
-    `overwrite` is used only by the coordinator's commit (`commit_ref`), exactly as in
-    `Store.save`: StepExistsError when the step exists and not `overwrite`, CommitConflictError
-    when another writer replaced it concurrently. DCP raises the coordinator's error on every
-    rank inside a CheckpointException (`unwrap` finds it; `ckptstore.dcp.save` re-raises it).
+    `step` may also be given later as DCP's `checkpoint_id` (`dcp.save(..., checkpoint_id=
+    "step-8")` or `reset("step-8")`), so one writer serves many saves; the forms are in
+    `parse_checkpoint_id`. `overwrite` is used only by the coordinator's commit
+    (`commit_ref`), exactly as in `Store.save`: StepExistsError when the step exists and not
+    `overwrite`, CommitConflictError when another writer replaced it concurrently. DCP raises
+    the coordinator's error on every rank inside a CheckpointException (`unwrap` finds it;
+    `ckptstore.dcp.save` re-raises it).
     """
 
-    def __init__(self, store: Store, step: int, *, overwrite: bool = False):
+    def __init__(self, store: Store, step: int | str | os.PathLike[str] | None = None, *, overwrite: bool = False):
         super().__init__()
         self.store = store
-        self.step = keys.check_step(step)
+        self.step: int | None = None if step is None else _writer_step(step)
         self.overwrite = overwrite
         self.is_coordinator = False
         self.rank = 0
+        #: Starts the key of every lease this writer (or a pickled copy of it) takes; new per reset().
+        self.token = secrets.token_hex(8)
         self._hash = hasher(store.marker.hash_algorithm)
         self._epoch: Epoch | None = None
-        self._lease: Lease | None = None
+        self._lease: _SaveLease | None = None
         self._finalizer: weakref.finalize | None = None
         #: After a save: new chunks this rank wrote and their stored bytes (the rest deduplicated).
         self.new_chunks = 0
@@ -284,14 +431,32 @@ class StoreWriter(StorageWriter):
         #: On the coordinator after finish(): the committed ref.
         self.committed: Ref | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A lease, its thread and the hasher belong to this process; the store reopens itself.
+        state = dict(self.__dict__)
+        state.update(_hash=None, _epoch=None, _lease=None, _finalizer=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hash = hasher(self.store.marker.hash_algorithm)
+
     # DCP's life cycle -----------------------------------------------------------------------
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        """A new save begins; `checkpoint_id` is ignored (the store and step name the checkpoint)."""
-        self._release()
+    def reset(self, checkpoint_id: str | os.PathLike[str] | int | None = None) -> None:
+        """A new save begins, as `checkpoint_id`'s step when one is given (`parse_checkpoint_id`).
+        Ends this writer's lease of an earlier save at once."""
+        step = None if checkpoint_id is None else _writer_step(checkpoint_id)
+        self.release()
+        if step is not None:
+            self.step = step
+        self.token = secrets.token_hex(8)
         self.committed = None
         self.new_chunks = self.new_bytes = 0
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if self.step is None:
+            raise ValueError("StoreWriter has no step: pass StoreWriter(store, step), or checkpoint_id to "
+                             f"dcp.save; {_forms(False)}")
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0))
 
@@ -300,46 +465,73 @@ class StoreWriter(StorageWriter):
         return False  # never chosen automatically: pass storage_writer=StoreWriter(...)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        # Every rank: read the gc epoch, then take a save lease, before any chunk is checked.
-        # The coordinator's lease lasts until its commit, so it covers every rank's writes
-        # (they start only after the coordinator's local plan); see docs/DCP.md.
-        self._release()
+        # No lease yet: a save DCP aborts before write_data leaves none (docs/DCP.md).
+        self.release()
         ensure_conditional_writes(self.store.backend)
-        self._epoch = read_epoch(self.store.backend)[0]
-        lease = Lease(self.store.backend, "save", writer_identity(), ttl=self.store.lease_ttl)
-        lease.__enter__()
-        self._lease = lease
-        self._finalizer = weakref.finalize(self, _close_lease, lease)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        # A rank that writes (and the coordinator, which commits) reads the gc epoch, then takes
+        # its lease, before any chunk is checked; the lease is refreshed only during this call.
+        self.release()
         try:
-            results = self._write(plan, planner)
-        finally:
-            if not self.is_coordinator:
-                self._release()
+            if plan.items or self.is_coordinator:
+                self._begin()
+            results = self._write(plan, planner) if plan.items else []
+        except BaseException:
+            self.release()
+            raise
+        if self._lease is not None:
+            self._lease.pause()  # until the coordinator's commit deletes it, or one TTL
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        leases = {r.storage_data.get("lease") for rank_results in results for r in rank_results
+                  if isinstance(r.storage_data, dict)}
         try:
+            if self._lease is None:
+                self._begin()
+            else:
+                self._lease.resume()
             self._finish(metadata, results)
-        finally:
-            self._release()
+        finally:  # every rank's lease of this save ends here, committed or not
+            self.release()
+            _delete_leases(self.store.backend, leases)
 
     def storage_meta(self) -> StorageMeta | None:
-        return None
+        """The step, as DCP's checkpoint_id `step-N` (and this save's token as save_id)."""
+        if self.step is None:
+            return None
+        return StorageMeta(checkpoint_id=f"step-{self.step}", save_id=self.token)
 
-    # ------------------------------------------------------------------------------------------
-    def _release(self) -> None:
+    def release(self, *, children: bool = False) -> None:
+        """End this writer's save lease now (DCP calls nothing after an aborted save). With
+        `children`, also the leases pickled copies of it took in PROCESS-mode children
+        (lists locks/). `ckptstore.dcp.save`/`async_save`, reset() and dropping the writer do it."""
         if self._finalizer is not None:
             self._finalizer()  # closes the lease once
             self._finalizer = None
         self._lease = None
+        if children:
+            prefix = keys.lock_key(f"save-{self.token}-")
+            with contextlib.suppress(Exception):
+                _delete_leases(self.store.backend, [info.key for info in self.store.backend.list(keys.LOCKS)
+                                                    if info.key.startswith(prefix)])
+
+    # ------------------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        backend = self.store.backend
+        ensure_conditional_writes(backend)
+        self._epoch = read_epoch(backend)[0]  # before the lease exists (docs/FORMAT.md)
+        lease = _SaveLease(backend, self.token, ttl=self.store.lease_ttl)
+        lease.__enter__()
+        self._lease = lease
+        self._finalizer = weakref.finalize(self, _close_lease, lease)
 
     def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         items: list[WriteItem] = list(plan.items)
@@ -365,26 +557,36 @@ class StoreWriter(StorageWriter):
         writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
                              elements=elements)
         written = writer.write(chunk_plan, sources)
-        assert self._epoch is not None, "prepare_local_plan was not called"
+        assert self._epoch is not None, "write_data took no lease"
         settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
         new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
         self.new_chunks, self.new_bytes = len(new), sum(new.values())
 
+        # Each result also carries this rank's epoch (the coordinator settles against the
+        # earliest) and its lease (the coordinator deletes it after the commit).
+        assert self._lease is not None
+        epoch, lease = _epoch_to_plain(self._epoch), self._lease.key
         results = []
         for item, (kind, dtype, shape), segs, source in zip(items, described, plain_segments(chunk_plan, written),
                                                             sources, strict=True):
-            storage = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs}
+            storage = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs, "epoch": epoch,
+                       "lease": lease}
             results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=storage))
         del keepalive
         return results
 
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        assert self._epoch is not None and self.step is not None, "write_data was not called"
+        earliest = self._epoch
         table = ChunkTable()
         tensors: list[TensorEntry] = []
         by_fqn: dict[str, list[TensorRef]] = {}
         for rank_results in results:
             for result in rank_results:
                 storage = result.storage_data
+                epoch = _epoch_from_plain(storage.get("epoch"))
+                if epoch.number < earliest.number:
+                    earliest = epoch
                 segments = table.segments(storage["segments"])
                 fqn = result.index.fqn
                 placement: dict[str, Any] = {"fqn": fqn}
@@ -400,13 +602,16 @@ class StoreWriter(StorageWriter):
                 dtype = "uint8" if storage["kind"] == KIND_BYTES else storage["dtype"]
                 tensors.append(TensorEntry(KIND_TORCH, dtype, tuple(storage["shape"]), segments, placement))
 
+        if metadata.storage_meta is None:  # DCP's default planner drops it: the metadata names the step
+            metadata.storage_meta = self.storage_meta()
         tree_obj = {TREE_KEY: {"format": DCP_FORMAT, "metadata": metadata_to_plain(metadata), "items": by_fqn}}
         tree = encode_tree(tree_obj, lambda _path, value: value.index if isinstance(value, TensorRef) else None)
         summary = {TREE_KEY: {"format": DCP_FORMAT, "items": len(metadata.state_dict_metadata),
                               "ranks": len(results)}}
         manifest = Manifest(self.step, time.time(), summary, tree, tuple(tensors), tuple(table.chunks))
-        assert self._epoch is not None, "prepare_local_plan was not called"
-        _, self.committed = write_manifest_and_commit(self.store, self._epoch, manifest, overwrite=self.overwrite,
+        # The earliest epoch any rank read before its lease: a gc that swept since then may have
+        # taken a chunk after its rank stopped refreshing (docs/FORMAT.md, the DCP bullet).
+        _, self.committed = write_manifest_and_commit(self.store, earliest, manifest, overwrite=self.overwrite,
                                                       writer=writer_identity())
 
 
@@ -438,7 +643,21 @@ class StoreReader(StorageReader):
         self._items: dict[MetadataIndex, _StoredItem] = {}
         self._hash = hasher(store.marker.hash_algorithm)
 
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_hash"] = None  # the store reopens itself in the other process
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hash = hasher(self.store.marker.hash_algorithm)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | int | None = None) -> None:
+        """A new load begins; `checkpoint_id`, when given, names the step, `latest` or a tag
+        (`parse_checkpoint_id`)."""
+        if checkpoint_id is not None:
+            self.step = parse_checkpoint_id(checkpoint_id, reader=True)
+        self.resolved = None
         self._items = {}
 
     @classmethod
@@ -562,20 +781,63 @@ class StoreReader(StorageReader):
                 planner.commit_tensor(read_item, target)
 
 
+class PickleRefusedError(errors.UnsupportedValueError):
+    """StoreReader refused to unpickle a stored non-tensor item (`trust_pickle` is off)."""
+
+    def __init__(self, step: int | None, fqn: str, refused: list[str], reason: str):
+        self.path = f"step {step} item {fqn!r}"
+        self.step = step
+        self.fqn = fqn
+        self.refused = tuple(refused)
+        what = f"the global {', '.join(refused)}" if refused else f"it ({reason})"
+        CkptStoreError.__init__(
+            self, f"cannot load item {fqn!r} of step {step}: DCP stored it as a pickle, and "
+                  f"torch.load(weights_only=True) refuses {what}; pass trust_pickle=True "
+                  f"(StoreReader(..., trust_pickle=True) or ckptstore.dcp.load(..., trust_pickle=True)) only if "
+                  f"you trust this store: unpickling it may run its code")
+
+
+#: Globals a stored item may need beyond what torch.load(weights_only=True) admits: building
+#: them runs no user code. io.BytesIO: DCP pickles a BytesIO value (a dataloader's or
+#: tokenizer's state) as the object, and its state is bytes and a position.
+ADMITTED_GLOBALS: tuple[Callable[..., Any], ...] = (io.BytesIO,)
+_ADMIT = threading.Lock()
+
+
+def _global_name(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _unsafe_globals(raw: bytes) -> list[str]:
+    """The globals of a torch.save payload that weights_only does not admit by default."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw)))
+    except Exception:
+        return []
+
+
 def _check_weights_only(raw: bytes, fqn: str, step: int | None) -> None:
-    """Refuse a BYTE_IO item that torch.load(weights_only=True) cannot load.
+    """Refuse a BYTE_IO item that torch.load(weights_only=True), admitting also
+    ADMITTED_GLOBALS, cannot load.
 
     DCP stores non-tensor values as torch.save() bytes and its DefaultLoadPlanner loads them
     with torch.load(weights_only=False), i.e. full pickle. Checking them first with the
     restricted unpickler means a checkpoint from an untrusted bucket cannot run code here.
+    torch keeps admitted globals in one process-wide set: the few ADMITTED_GLOBALS this item
+    needs are added (under a lock, only those not already there) for the check and removed after.
     """
+    unsafe = _unsafe_globals(raw)
+    admit = [g for g in ADMITTED_GLOBALS if _global_name(g) in unsafe]
     try:
-        torch.load(io.BytesIO(raw), weights_only=True)
+        with _ADMIT if admit else contextlib.nullcontext():
+            present = set(torch.serialization.get_safe_globals())
+            missing: list[Any] = [g for g in admit if g not in present]
+            with torch.serialization.safe_globals(missing) if missing else contextlib.nullcontext():
+                torch.load(io.BytesIO(raw), weights_only=True)
     except Exception as exc:
-        raise errors.UnsupportedValueError(
-            f"step {step} item {fqn!r}",
-            f"DCP stored it as a pickle that torch.load(weights_only=True) refuses ({type(exc).__name__}); "
-            f"pass StoreReader(..., trust_pickle=True) only if you trust this store") from exc
+        admitted = {_global_name(g) for g in admit}
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
+        raise PickleRefusedError(step, fqn, [n for n in unsafe if n not in admitted], reason) from exc
 
 
 def _byte_span(shape: tuple[int, ...], element_size: int, offsets: Any, lengths: Any) -> tuple[int, int]:

@@ -6,6 +6,7 @@ CPU in spawned processes against a local store in a tmp dir.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,8 +35,17 @@ import ckptstore
 from ckptstore import keys
 from ckptstore.backends.memory import drop_memory_space
 from ckptstore.cli import EXIT_OK, main
-from ckptstore.dcp import StoreReader, StoreWriter, _byte_span, metadata_from_plain, metadata_to_plain, unwrap
-from ckptstore.errors import FormatError, StepExistsError, UnsupportedValueError
+from ckptstore.dcp import (
+    PickleRefusedError,
+    StoreReader,
+    StoreWriter,
+    _byte_span,
+    metadata_from_plain,
+    metadata_to_plain,
+    parse_checkpoint_id,
+    unwrap,
+)
+from ckptstore.errors import FormatError, IntegrityError, StepExistsError, UnsupportedValueError
 
 # Small chunks, so shards span several chunks and a reader fetches only part of a stored item.
 SMALL = ckptstore.ChunkingPolicy(chunk_size=48, small_tensor_limit=16, pack_size=64)
@@ -212,6 +222,102 @@ def test_pickled_values_need_trust(store: ckptstore.Store) -> None:
     target: dict[str, Any] = {"w": torch.zeros(3), "obj": None}
     dcp.load(target, storage_reader=StoreReader(store, 0, trust_pickle=True))
     assert isinstance(target["obj"], Opaque) and target["obj"].x == 5 and torch.equal(target["w"], torch.ones(3))
+
+
+def test_bytesio_values_round_trip_without_trust(store: ckptstore.Store) -> None:
+    # DCP torch.saves an io.BytesIO value (a dataloader's state) as the object itself.
+    blob = io.BytesIO(b"dataloader state")
+    blob.seek(4)
+    dcp.save({"w": torch.ones(3), "loader": blob, "nested": {"tok": io.BytesIO(b"tokenizer")}},
+             storage_writer=StoreWriter(store, 0))
+    before = torch.serialization.get_safe_globals()
+    target: dict[str, Any] = {"w": torch.zeros(3), "loader": io.BytesIO(), "nested": {"tok": io.BytesIO()}}
+    dcp.load(target, storage_reader=StoreReader(store, 0))
+    assert isinstance(target["loader"], io.BytesIO)
+    assert target["loader"].getvalue() == b"dataloader state" and target["loader"].tell() == 4
+    assert target["nested"]["tok"].getvalue() == b"tokenizer" and torch.equal(target["w"], torch.ones(3))
+    after = torch.serialization.get_safe_globals()  # admitted for the check only
+    assert io.BytesIO not in after and set(after) == set(before)
+
+
+def test_a_refused_pickle_names_the_load_step_item_and_global(store: ckptstore.Store) -> None:
+    holder = Opaque(1)
+    holder.x = io.BytesIO(b"inside")  # type: ignore[assignment]  # BytesIO admitted, Opaque still refused
+    dcp.save({"w": torch.ones(3), "blob": holder}, storage_writer=StoreWriter(store, 3))
+    with pytest.raises(UnsupportedValueError) as caught:
+        ckptstore.dcp.load({"w": torch.zeros(3), "blob": None}, store, 3)
+    message = str(caught.value)
+    assert isinstance(caught.value, PickleRefusedError)
+    assert message.startswith("cannot load item 'blob' of step 3: ") and "cannot save" not in message
+    name = f"{Opaque.__module__}.Opaque"
+    assert f"the global {name};" in message and "BytesIO" not in message
+    assert "trust_pickle=True" in message
+    assert caught.value.refused == (name,) and caught.value.step == 3
+    copy = pickle.loads(pickle.dumps(caught.value))  # it crosses ranks inside DCP's exception
+    assert type(copy) is PickleRefusedError and str(copy) == message
+
+
+def test_checkpoint_id_names_the_step_so_one_writer_serves_many_saves(store: ckptstore.Store, tmp_path: Path) -> None:
+    writer = StoreWriter(store)  # no step yet
+    for checkpoint_id, step in [("step-8", 8), (tmp_path / "ckpt" / "step_9", 9), ("/ckpt/10/", 10), (11, 11)]:
+        metadata = dcp.save({"w": torch.full((2,), float(step))}, storage_writer=writer, checkpoint_id=checkpoint_id)
+        assert writer.committed is not None and writer.committed.step == step
+        assert metadata.storage_meta is not None and metadata.storage_meta.checkpoint_id == f"step-{step}"
+        assert writer.storage_meta() is not None and writer.storage_meta().checkpoint_id == f"step-{step}"  # type: ignore[union-attr]
+    writer.reset(12)
+    dcp.save({"w": torch.full((2,), 12.0)}, storage_writer=writer)
+    assert store.steps() == [8, 9, 10, 11, 12]
+    stored = StoreReader(store, 9).read_metadata()
+    assert stored.storage_meta is not None and stored.storage_meta.checkpoint_id == "step-9"
+
+    store.tag("best", 10)
+    reader = StoreReader(store)
+    for checkpoint_id, value in [("step_9", 9.0), (Path("/x/step-8"), 8.0), ("latest", 12.0), ("/ckpt/latest", 12.0),
+                                 ("best", 10.0), (11, 11.0)]:
+        target = {"w": torch.zeros(2)}
+        dcp.load(target, storage_reader=reader, checkpoint_id=checkpoint_id)
+        assert torch.equal(target["w"], torch.full((2,), value)), checkpoint_id
+
+    for bad in ["ckpt", "/ckpt/step-", "step-x", "/ckpt/latest", -1, 1.5, True, b"step-1"]:
+        with pytest.raises(ValueError, match=r"N, step-N or step_N"):
+            StoreWriter(store).reset(bad)
+    with pytest.raises(CheckpointException, match=r"StoreWriter has no step"):
+        dcp.save({"w": torch.ones(2)}, storage_writer=StoreWriter(store))
+    for bad in ["/data/run1", "-x", "a b", "", -2]:
+        with pytest.raises(ValueError, match=r"'latest'.*tag name"):
+            reader.reset(bad)
+    assert parse_checkpoint_id("step-0") == 0 and parse_checkpoint_id("best", reader=True) == "best"
+    assert parse_checkpoint_id("latest", reader=True) is None
+
+
+def test_the_commit_settles_against_the_earliest_epoch_any_rank_read(store: ckptstore.Store) -> None:
+    # Two ranks driven by hand. Rank 1 writes its chunks, then its (unrefreshed) lease goes
+    # stale and a gc sweeps them, all before rank 0 reads its own epoch. Only the earliest
+    # epoch (rank 1's, carried in its write results) shows the sweep: the commit must refuse.
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    w0, w1 = StoreWriter(store, 5), StoreWriter(store, 5)
+    p0, p1 = DefaultSavePlanner(), DefaultSavePlanner()
+    p0.set_up_planner({"a": torch.arange(40.0)}, is_coordinator=True)
+    p1.set_up_planner({"b": torch.arange(40.0) + 100}, is_coordinator=False)
+    w0.set_up_storage_writer(True, rank=0)
+    w1.set_up_storage_writer(False, rank=1)
+    plans, metadata = p0.create_global_plan([w0.prepare_local_plan(p0.create_local_plan()),
+                                             w1.prepare_local_plan(p1.create_local_plan())])
+    plans = w0.prepare_global_plan(plans)
+    results1 = w1.write_data(p1.finish_plan(plans[1]), p1).value()
+    assert w1.new_chunks > 0
+    w1.release()  # as if its lease had gone stale
+    report = store.gc(min_age=0)
+    assert report.deleted_chunks >= w1.new_chunks  # rank 1's chunks are gone
+    results0 = w0.write_data(p0.finish_plan(plans[0]), p0).value()
+    with pytest.raises(IntegrityError, match="vanished during the save"):
+        w0.finish(metadata, [results0, results1])
+    assert store.steps() == [] and _live_leases(store) == []
+
+
+def _live_leases(store: ckptstore.Store) -> list[Any]:
+    return [lock for lock in store.locks() if lock.kind == "save"]
 
 
 # -- multi-process (gloo on CPU) -------------------------------------------------------------
