@@ -150,15 +150,21 @@ class ChunkWriter:
 def restore_missing(writer: ChunkWriter, plan: ChunkPlan, written: list[WrittenChunk],
                     sources: list[memoryview]) -> int:
     """Re-upload the planned chunks whose objects are gone (a gc swept them after this save
-    deduplicated or wrote them); returns how many planned chunks were re-written."""
+    deduplicated or wrote them); returns how many planned chunks were re-written.
+
+    Their entries in `written` are replaced by the new ones: a chunk first deduplicated
+    against another writer's copy (another compression, another stored size) is now stored as
+    this writer encoded it, and the manifest built afterwards must say so."""
     backend = writer.backend
     digests = sorted({r.entry.digest for r in written})
     present = dict(zip(digests, bounded_map(lambda d: backend.exists(chunk_key(d)), digests, writer.threads),
                        strict=True))
-    missing = [chunk for chunk, r in zip(plan.chunks, written, strict=True) if not present[r.entry.digest]]
-    if missing:
-        writer.write(ChunkPlan(missing, []), sources)
-    return len(missing)
+    slots = [slot for slot, r in enumerate(written) if not present[r.entry.digest]]
+    if slots:
+        again = writer.write(ChunkPlan([plan.chunks[slot] for slot in slots], []), sources)
+        for slot, result in zip(slots, again, strict=True):
+            written[slot] = result
+    return len(slots)
 
 
 def _materialize(chunk: PlannedChunk, sources: list[memoryview]) -> memoryview:

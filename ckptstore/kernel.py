@@ -220,6 +220,9 @@ class StoreKernel:
         writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads,
                              elements=[s.element for s in sources])
         written = writer.write(plan, [s.data for s in sources])
+        # Settle with gc before the manifest is built: chunks a sweep took are put back, and
+        # the manifest then records them as stored now (docs/FORMAT.md, "The protocol").
+        self._settle_with_gc(epoch_at_start, plan, written, writer, [s.data for s in sources])
 
         # One table entry per distinct chunk; planned slots map onto it.
         table: dict[str, int] = {}
@@ -237,10 +240,9 @@ class StoreKernel:
         manifest = Manifest(step, time.time(), metadata, tree, tensors, tuple(chunks))
         encoded = encode_manifest(manifest)
         manifest_digest = self._hash(encoded)
+        # After the settle: a gc that could delete it would have been seen there (FORMAT.md).
         with contextlib.suppress(AlreadyExistsError):  # identical manifest already stored
             self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
-        self._settle_with_gc(epoch_at_start, plan, written, writer, [s.data for s in sources],
-                             manifest_digest, encoded)
 
         ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=writer_identity())
         committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
@@ -254,16 +256,12 @@ class StoreKernel:
         )
 
     def _settle_with_gc(self, epoch_at_start: Epoch, plan: ChunkPlan, written: list[WrittenChunk],
-                        writer: ChunkWriter, sources: list[memoryview], manifest_digest: str,
-                        encoded_manifest: bytes) -> None:
-        """Before committing: if a gc may have swept since we started, wait for it to finish
-        and put back anything we are about to reference that it deleted."""
+                        writer: ChunkWriter, sources: list[memoryview]) -> None:
+        """After the chunk writes: if a gc may have swept since we started, wait for it to
+        finish and put back (updating `written`) every chunk it deleted."""
         if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()) is None:
             return
         restore_missing(writer, plan, written, sources)
-        if not self.backend.exists(keys.manifest_key(manifest_digest)):
-            with contextlib.suppress(AlreadyExistsError):
-                self.backend.put(keys.manifest_key(manifest_digest), encoded_manifest, mode=CREATE)
 
     # -- retention and tags ------------------------------------------------------------------
     def apply_retention(self, *, keep_last: int | None = None, keep_every: int | None = None,

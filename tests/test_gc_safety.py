@@ -425,8 +425,34 @@ def test_a_save_sees_every_gc_that_did_not_see_its_lease(space: str, case: str) 
     if "report" not in gc:
         gc["report"] = _result(gc["thread"], gc["out"])
     assert gc["report"].ran and gc["report"].deleted_chunks > 0, gc["report"]
-    assert info.new_chunks == 0  # it had deduplicated: every chunk it references was swept and put back
+    # It had deduplicated every chunk against step 1's garbage; the gc swept them all, and the
+    # save put every one back before its manifest was built (so they count as written).
+    assert info.new_chunks == info.chunks > 0, info
     assert _equal(_store(inner).load(2), 1)
+
+
+def test_a_chunk_put_back_after_a_sweep_is_recorded_as_this_save_stored_it(space: str) -> None:
+    """The save deduplicates against another writer's zstd copies; the sweep takes them and
+    the save puts them back uncompressed. Its manifest must record the stored sizes of the
+    objects as they are now (before: the sizes of the swept copies, which verify flagged)."""
+    from ckptstore.chunkblob import Compression
+    from ckptstore.verify import verify
+
+    inner = MemoryBackend(space)
+    zstd = Store(inner, chunking=SMALL, compression=Compression("zstd", min_ratio=1.0))
+    zstd.save(0, _state(0))
+    zstd.save(1, _state(1))  # compressible: arange floats
+    zstd.delete(1)
+    zstd.gc(min_age=3600)  # the epoch exists; the garbage is kept (young)
+    view, gc = _gc_between_epoch_reads(inner, "entirely-between")
+    info = _store(view).save(2, _state(1))
+    assert gc["report"].deleted_chunks > 0
+    store = _store(inner)
+    for chunk in store.manifest(info.manifest).chunks:
+        assert inner.head(keys.chunk_key(chunk.digest)).size == chunk.stored_size
+    report = verify(store, deep=True)
+    assert report.ok, report.problems
+    assert _equal(store.load(2), 1)
 
 
 def test_a_waiting_save_does_not_wait_for_a_gc_that_began_after_its_lease(space: str) -> None:
