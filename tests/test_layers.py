@@ -137,3 +137,48 @@ def test_the_cycle_check_sees_lazy_and_type_checking_imports(tmp_path: Path) -> 
     graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
     assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.c"}, "pkg.c": {"pkg.a"}, "pkg.d": {"pkg.a"}}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
+#: The package's layers, bottom up (docs/FORMAT.md describes the first three). A module may
+#: import modules of its own layer or of lower ones, never of a higher one; a new module must
+#: be placed here, which is where a newcomer reads the architecture off.
+LAYERS: dict[str, tuple[str, ...]] = {
+    # The pure format: bytes <-> values, no I/O.
+    "format": ("errors", "keys", "dtypes", "hashing", "chunkblob", "chunking", "manifest", "tree", "tensors",
+               "sysmem", "progress"),
+    # Byte-level storage with conditional puts.
+    "storage": ("backends", "backends.base", "backends.parts", "backends.local", "backends.memory", "backends.s3",
+                "backends.gcs", "retry", "url"),
+    # The protocol: commits, leases, the gc lock and epoch, gc.
+    "protocol": ("commit", "canary", "liveness", "lockfile", "serverclock", "leases", "epoch", "gclock", "gc"),
+    # The store and its I/O.
+    "store": ("chunkio", "kernel", "distributed", "async_save", "pickling", "store", "dcp"),
+    # Operator tools and the package's front door.
+    "tools": ("verify", "report", "copy", "interop", "display", "demo", "cli", ""),
+    # Test kits shipped with the package.
+    "testing": ("testing", "testing.conformance", "testing.crash", "testing.faults", "testing.fuzz",
+                "testing.interleave", "testing.load", "testing.scenarios", "testing.servers", "testing.soak",
+                "testing.wrappers"),
+}
+
+
+def _layer_of() -> dict[str, int]:
+    out = {}
+    for rank, names in enumerate(LAYERS.values()):
+        for short in names:
+            out["ckptstore" + (f".{short}" if short else "")] = rank
+    return out
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers() -> None:
+    layer_of = _layer_of()
+    graph = import_graph()
+    unplaced = sorted(set(graph) - set(layer_of))
+    assert not unplaced, f"place these modules in LAYERS: {unplaced}"
+    stale = sorted(set(layer_of) - set(graph))
+    assert not stale, f"LAYERS names modules that do not exist: {stale}"
+    names = list(LAYERS)
+    upward = sorted(f"{module} ({names[layer_of[module]]}) imports {target} ({names[layer_of[target]]})"
+                    for module, targets in graph.items() for target in targets
+                    if layer_of[target] > layer_of[module])
+    assert not upward, upward
