@@ -409,7 +409,9 @@ class StoreWriter(StorageWriter):
     (`commit_ref`), exactly as in `Store.save`: StepExistsError when the step exists and not
     `overwrite`, CommitConflictError when another writer replaced it concurrently. DCP raises
     the coordinator's error on every rank inside a CheckpointException (`unwrap` finds it;
-    `ckptstore.dcp.save` re-raises it).
+    `ckptstore.dcp.save` re-raises it). The writer pickles (PROCESS-mode `dcp.async_save`):
+    the copy reopens its store from the URL and options and takes its own lease
+    (docs/DCP.md, "Async saves").
     """
 
     def __init__(self, store: Store, step: int | str | os.PathLike[str] | None = None, *, overwrite: bool = False):

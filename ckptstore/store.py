@@ -43,6 +43,25 @@ class Store(StoreKernel):
             self._async_saver.close()
         super().close()
 
+    #: Set by `open`: the options a pickled copy needs that the Store does not keep itself.
+    _open_options: dict[str, Any] | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled, a Store is its URL and options, and unpickling opens it again (create=False).
+        Clients, pools, thread pools and leases belong to one process: the copy makes its own.
+        What travels: the backend's URL, this handle's chunking, compression, threads, verify
+        and lease TTL, the retry count, and the `storage_options` given to `open`, credentials
+        included (inside the pickle only: docs/DCP.md, "Async saves"). A memory:// store opens
+        only in the process that holds it. PROCESS-mode DCP async_save pickles a StoreWriter."""
+        recorded = self._open_options or {}
+        retries = recorded.get("retries")
+        if retries is None:  # built without `open`: what its backend does
+            retries = max(0, int(getattr(self.backend, "attempts", 1)) - 1)
+        options = {"chunking": self.chunking, "compression": self.compression, "threads": self.threads,
+                   "verify": self.verify, "lease_ttl": self.lease_ttl, "retries": retries,
+                   "storage_options": recorded.get("storage_options")}
+        return _reopen, (self.url, options)
+
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, overwrite: bool = False, metadata: Any = None,
              keep_last: int | None = None, keep_every: int | None = None, process_group: Any = None) -> SaveInfo:
@@ -122,5 +141,13 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
         chunking = ChunkingPolicy(chunk_size=backend.preferred_chunk_size)
     if attempts > 1:
         backend = RetryingBackend(backend, attempts=attempts)
-    return Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,
-                 verify=verify, hash_algorithm=hash_algorithm, lease_ttl=lease_ttl)
+    store = Store(backend, create=create, chunking=chunking, compression=compression, threads=threads,
+                  verify=verify, hash_algorithm=hash_algorithm, lease_ttl=lease_ttl)
+    store._open_options = {"storage_options": dict(storage_options) if storage_options else None,
+                           "retries": attempts - 1}
+    return store
+
+
+def _reopen(url: str, options: dict[str, Any]) -> Store:
+    """Unpickling a Store (Store.__reduce__): open it again in this process."""
+    return open(url, create=False, **options)

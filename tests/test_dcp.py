@@ -316,6 +316,31 @@ def test_the_commit_settles_against_the_earliest_epoch_any_rank_read(store: ckpt
     assert store.steps() == [] and _live_leases(store) == []
 
 
+def test_store_writer_and_reader_pickle_and_reopen_in_the_copy(tmp_path: Path) -> None:
+    store = ckptstore.open(tmp_path / "s", chunking=SMALL, lease_ttl=30.0, retries=2, threads=3, verify=False)
+    copy = pickle.loads(pickle.dumps(store))  # reopens from the URL and options
+    assert copy is not store and copy.backend is not store.backend and copy.url == store.url
+    assert (copy.chunking, copy.lease_ttl, copy.threads, copy.verify) == (SMALL, 30.0, 3, False)
+    assert copy.backend.attempts == 3  # type: ignore[attr-defined]  # retries=2 and the first try
+
+    writer = StoreWriter(store, 1)
+    writer._begin()  # as in the middle of a save: the lease and its thread stay in this process
+    moved = pickle.loads(pickle.dumps(writer))
+    assert moved._lease is None and moved.token == writer.token and moved.step == 1 and moved.store.url == store.url
+    writer.release()
+    dcp.save({"w": torch.arange(5.0)}, storage_writer=moved)
+    assert store.steps() == [1] and _live_leases(store) == []
+    target = {"w": torch.zeros(5)}
+    dcp.load(target, storage_reader=pickle.loads(pickle.dumps(StoreReader(store, 1))))
+    assert torch.equal(target["w"], torch.arange(5.0))
+
+    # storage_options (credentials, endpoints) travel inside the pickle, to ckptstore.open there.
+    store._open_options = {"storage_options": {"secret": "k3y"}, "retries": 2}
+    _, (url, options) = store.__reduce__()
+    assert url == store.url and options["storage_options"] == {"secret": "k3y"} and options["retries"] == 2
+    assert b"k3y" in pickle.dumps(store)
+
+
 def _live_leases(store: ckptstore.Store) -> list[Any]:
     return [lock for lock in store.locks() if lock.kind == "save"]
 

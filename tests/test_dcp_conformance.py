@@ -441,6 +441,57 @@ def _scenario_aborts(store: ckptstore.Store, mesh: Any, rank: int) -> dict[str, 
     return _aborts(fast, 2, 90)
 
 
+def _stop_checkpoint_process() -> None:
+    """End DCP's PROCESS-mode checkpoint process (it lives as long as this one otherwise)."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process, executor._CHECKPOINT_PROCESS = executor._CHECKPOINT_PROCESS, None
+    if process is not None:
+        process.__del__()  # asks it to terminate, joins it
+
+
+def _scenario_process(store: ckptstore.Store, mesh: Any, rank: int) -> dict[str, Any]:
+    """PROCESS-mode async_save: the writer (and its store) is pickled into DCP's checkpoint
+    process, which reopens the store and saves."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    world = dist.get_world_size()
+    process = AsyncCheckpointerType.PROCESS
+    state = {"w": distribute_tensor(_matrix(5), mesh, [Shard(0)]), "c": torch.arange(4.0),
+             "meta": {"epoch": 5, "loader": io.BytesIO(b"pos=5")}}
+    out: dict[str, Any] = {}
+    try:
+        ckptstore.dcp.async_save(state, store, 50, async_checkpointer_type=process).result(timeout=300)
+        try:  # the same step again: the child's StepExistsError reaches us as itself
+            ckptstore.dcp.async_save(state, store, 50, async_checkpointer_type=process).result(timeout=300)
+        except StepExistsError as exc:
+            out["refused"] = f"{type(exc).__name__}:{exc.step}"
+        try:
+            dcp.async_save(state, storage_writer=StoreWriter(store, 50),
+                           async_checkpointer_type=process).result(timeout=300)
+        except CheckpointException as exc:
+            out["plain"] = type(unwrap(exc)).__name__
+        # Rank world-1 fails writing in its child after the coordinator's child wrote: the
+        # helper ends the lease the coordinator's child left.
+        try:
+            ckptstore.dcp.async_save(state, store, 51, async_checkpointer_type=process,
+                                     planner=FailingPlanner("write", world - 1)).result(timeout=300)
+        except CheckpointException as exc:
+            out["aborted"] = ",".join(str(f[0]) for f in exc.failures.values())
+        if world > 1:
+            dist.barrier()
+        out["leases"] = _save_leases(store)
+    finally:
+        _stop_checkpoint_process()
+    target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)]), "c": torch.zeros(4),
+              "meta": {"epoch": -1, "loader": io.BytesIO()}}
+    dcp.load(target, storage_reader=StoreReader(store, 50))
+    out.update(w=target["w"].full_tensor().tolist(), c=target["c"].tolist(), epoch=target["meta"]["epoch"],
+               loader=target["meta"]["loader"].getvalue().decode(), steps=store.steps())
+    return out
+
+
 SCENARIOS: dict[str, Callable[[ckptstore.Store, Any, int], dict[str, Any]]] = {
     "nested": _scenario_nested,
     "dtensor": _scenario_dtensor,
@@ -448,20 +499,22 @@ SCENARIOS: dict[str, Callable[[ckptstore.Store, Any, int], dict[str, Any]]] = {
     "planner_options": _scenario_planner_options,
     "async_thread": _scenario_async_thread,
     "aborts": _scenario_aborts,
+    "process": _scenario_process,
 }
 
 
-def _two_rank_worker(rank: int, world: int, tmp: str) -> None:
+def _worker(rank: int, world: int, tmp: str, names: list[str]) -> None:
     import datetime
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-conf", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-conf{world}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     mesh = init_device_mesh("cpu", (world,))
-    store = ckptstore.open(Path(tmp, "store"), chunking=SMALL)
+    store = ckptstore.open(Path(tmp, f"store{world}"), chunking=SMALL)
     out: dict[str, Any] = {}
-    for name, scenario in SCENARIOS.items():
+    for name in names:
+        scenario = SCENARIOS[name]
         started = time.monotonic()
         try:
             out[name] = scenario(store, mesh, rank)
@@ -469,22 +522,25 @@ def _two_rank_worker(rank: int, world: int, tmp: str) -> None:
             out[name] = {"error": traceback.format_exc()}
         out[name]["seconds"] = round(time.monotonic() - started, 2)
         dist.barrier()
-    _report(tmp, "conf", rank, out)
+    _report(tmp, f"conf{world}", rank, out)
     dist.destroy_process_group()
     _exit_cleanly()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    tmp = tmp_path_factory.mktemp("dcp-conformance")
+def _spawn(tmp: Path, world: int, names: list[str]) -> tuple[Path, list[dict[str, Any]]]:
     saved = {var: os.environ.pop(var) for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
              if var in os.environ}
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        mp.spawn(_two_rank_worker, args=(2, str(tmp)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(world, str(tmp), names), nprocs=world, join=True)
     finally:
         os.environ.update(saved)
-    return tmp / "store", _reports(str(tmp), "conf", 2)
+    return tmp / f"store{world}", _reports(str(tmp), f"conf{world}", world)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    return _spawn(tmp_path_factory.mktemp("dcp-conformance"), 2, list(SCENARIOS))
 
 
 def _scenario(two_ranks: tuple[Path, list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
@@ -560,3 +616,28 @@ def test_two_ranks_a_save_aborted_at_any_point_leaves_no_lease(two_ranks: Any) -
     reports = _scenario(two_ranks, "aborts")
     _check_aborts(reports[0], 2)
     assert reports[0] == {**reports[1], "seconds": reports[0]["seconds"]}  # both ranks counted the same
+
+
+def _check_process(report: dict[str, Any]) -> None:
+    assert report["refused"] == "StepExistsError:50" and report["plain"] == "StepExistsError", report
+    assert report["leases"] == [0, 0], report
+    assert report["w"] == _matrix(5).tolist() and report["c"] == [0.0, 1.0, 2.0, 3.0], report
+    assert report["epoch"] == 5 and report["loader"] == "pos=5" and 50 in report["steps"], report
+    assert 51 not in report["steps"]
+
+
+@pytest.mark.slow
+def test_one_rank_async_save_process_mode(tmp_path: Path) -> None:
+    # PROCESS mode needs a process group (DCP sets its checkpoint process up through it): one rank.
+    _, reports = _spawn(tmp_path, 1, ["process"])
+    report = _scenario((tmp_path, reports), "process")[0]
+    _check_process(report)
+    assert report["aborted"] == "write"  # its own write failed in the child
+
+
+@pytest.mark.slow
+def test_two_ranks_async_save_process_mode(two_ranks: Any) -> None:
+    reports = _scenario(two_ranks, "process")
+    for report in reports:
+        _check_process(report)
+        assert report["aborted"] == "write"
