@@ -431,3 +431,38 @@ def test_gc_sweeping_a_chunk_a_rank_deduplicated_is_undone_before_the_commit(tmp
     assert rank0["step"] == rank1["step"] == 2
     loaded = ckptstore.open(url, create=False).load(2)
     assert torch.equal(loaded["w"], ORPHAN) and torch.equal(loaded["other"], torch.ones(8))
+
+
+# -- retention after the commit ------------------------------------------------------------------
+def _retention_worker(rank: int, world: int, tmp: str, url: str) -> None:
+    from ckptstore.errors import PermissionDeniedError
+    from ckptstore.testing.faults import Fault, FaultInjectingBackend
+
+    _init(rank, world, tmp, "retention")
+    store = _open(url, lambda b: FaultInjectingBackend(b, [Fault("delete", key=r"^refs/steps/", times=None,
+                                                                 error=PermissionDeniedError("AccessDenied"))]))
+    store.save(1, _rank_state(rank, 1))
+    result: dict[str, Any] = {}
+    try:
+        info = store.save(2, _rank_state(rank, 2), keep_last=1)
+        result = {"step": info.step, "deleted": list(info.retention_deleted), "errors": list(info.retention_errors)}
+    except Exception as exc:
+        result = {"raised": _error(exc)}
+    result["steps"] = store.steps()
+    _report(tmp, "retention", rank, result)
+    dist.destroy_process_group()
+    _done()
+
+
+@pytest.mark.slow
+def test_a_failed_retention_delete_is_reported_the_same_on_every_rank(tmp_path: Path) -> None:
+    """The commit stands: every rank gets the committed SaveInfo with the same retention
+    errors (before the fix every rank raised after the commit, and a retry got StepExistsError)."""
+    url = str(tmp_path / "store")
+    assert _spawn(_retention_worker, 2, str(tmp_path), url) == [0, 0]
+    reports = _reports(str(tmp_path), "retention", range(2))
+    for r in reports:
+        assert "raised" not in r, r
+        assert r["step"] == 2 and r["deleted"] == [] and r["steps"] == [1, 2]
+        assert len(r["errors"]) == 1 and "step 1" in r["errors"][0] and "AccessDenied" in r["errors"][0]
+    assert reports[0] == reports[1]
