@@ -7,6 +7,7 @@ commit conflict, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from ckptstore import errors
 from ckptstore.demo import run_demo
 from ckptstore.display import format_time, human_bytes, print_json, print_steps, table
+from ckptstore.keys import MAX_STEP
 from ckptstore.url import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 0, 1, 2, 3, 4
@@ -34,7 +36,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ckptstore.report import step_details
 
     with _open(args.url) as store:
-        details = step_details(store, args.step)
+        details = step_details(store, _resolve_step(store, args.step))
     if args.json:
         print_json(details)
         return EXIT_OK
@@ -60,30 +62,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parse_steps(specs: Sequence[str]) -> list[int]:
-    steps: list[int] = []
-    for spec in specs:
-        low, sep, high = spec.partition("-")
-        if not low.isdigit() or (sep and not high.isdigit()):
-            raise argparse.ArgumentTypeError(f"not a step or range: {spec!r} (use 100 or 100-200)")
-        steps.extend(range(int(low), int(high) + 1) if sep else [int(low)])
-    return steps
-
-
 def cmd_rm(args: argparse.Namespace) -> int:
-    try:
-        wanted = _parse_steps(args.steps)
-    except argparse.ArgumentTypeError as exc:
-        print(f"ckptstore rm: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     with _open(args.url) as store:
-        existing = set(store.steps())
-        ranged = any("-" in s for s in args.steps)
         # A range removes the steps inside it that exist; a single missing step is an error.
-        targets = [s for s in wanted if s in existing] if ranged else wanted
-        missing = [s for s in targets if s not in existing]
-        if missing:
-            raise errors.StepNotFoundError(missing[0], store.url)
+        targets = _select_steps(store, args.steps)
         if not targets:
             print("no committed steps in that range", file=sys.stderr)
             return EXIT_NOT_FOUND
@@ -149,8 +131,6 @@ _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 def parse_size(text: str) -> int:
     """'2GiB' -> 2147483648, '500MB' -> 500000000, '4096' -> 4096 (argparse type)."""
-    import re
-
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 2GiB, 500MB or a byte count)")
@@ -160,52 +140,79 @@ def parse_size(text: str) -> int:
     return value
 
 
+_TAG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_RANGE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_STEP_HELP = "use a step number, 'latest' or a tag name"
+
+
+def _step_number(text: str) -> int:
+    step = int(text)
+    if step > MAX_STEP:
+        raise argparse.ArgumentTypeError(f"step {text} is too large (at most {MAX_STEP})")
+    return step
+
+
 def _step_arg(text: str) -> int | str:
-    """A step number, or 'latest' (argparse type)."""
-    if text == "latest":
+    """A step on the command line: a number, 'latest', or a tag name (argparse type). All
+    digits is always a step number; everything else is 'latest' or a tag, which
+    `_resolve_step` looks up once the store is open."""
+    if re.fullmatch(r"[0-9]{1,20}", text):
+        return _step_number(text)
+    if text == "latest" or _TAG_NAME.fullmatch(text):
         return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not a step: {text!r} (use a number or 'latest')")
-    return int(text)
+    raise argparse.ArgumentTypeError(f"not a step: {text!r} ({_STEP_HELP})")
+
+
+def _step_spec(text: str) -> int | str | tuple[int, int]:
+    """A step as `_step_arg` takes it, or an inclusive range A-B of step numbers (argparse type)."""
+    match = _RANGE.fullmatch(text)
+    if match:
+        return _step_number(match.group(1)), _step_number(match.group(2))
+    try:
+        return _step_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"not a step or range: {text!r} ({_STEP_HELP}, or a range like 100-200)") from None
 
 
 def _resolve_step(store: Any, step: int | str) -> int:
+    """The step number a command-line step names: N itself, 'latest' the newest committed
+    step, anything else the step of the tag of that name. Every command resolves steps here."""
+    if isinstance(step, int):
+        return step
     if step == "latest":
         latest = store.latest()
         if latest is None:
             raise errors.StepNotFoundError("latest", store.url)
         return int(latest)
-    return int(step)
+    tags = store.tags()
+    if step not in tags:
+        raise errors.TagNotFoundError(step, store.url)
+    return int(tags[step])
 
 
-def _select_steps(specs: Sequence[str], existing: list[int], url: str) -> list[int]:
+def _select_steps(store: Any, specs: Sequence[int | str | tuple[int, int]]) -> list[int]:
     """Steps named on the command line: a range selects the existing steps inside it; a single
-    step that does not exist is a StepNotFoundError."""
-    wanted = _parse_steps(specs)
-    present = set(existing)
-    ranged = {s for spec in specs if "-" in spec for s in _parse_steps([spec])}
-    for step in wanted:
-        if step not in present and step not in ranged:
-            raise errors.StepNotFoundError(step, url)
-    return sorted({s for s in wanted if s in present})
-
-
-def _check_step_specs(command: str, specs: Sequence[str] | None) -> bool:
-    try:
-        _parse_steps(specs or [])
-    except argparse.ArgumentTypeError as exc:
-        print(f"ckptstore {command}: {exc}", file=sys.stderr)
-        return False
-    return True
+    step (N, 'latest' or a tag) that does not exist is a StepNotFoundError."""
+    present = set(store.steps())
+    chosen: set[int] = set()
+    for spec in specs:
+        if isinstance(spec, tuple):
+            low, high = spec
+            chosen.update(s for s in present if low <= s <= high)
+            continue
+        step = _resolve_step(store, spec)
+        if step not in present:
+            raise errors.StepNotFoundError(step, store.url)
+        chosen.add(step)
+    return sorted(chosen)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckptstore.verify import verify
 
-    if not _check_step_specs("verify", args.steps):
-        return EXIT_USAGE
     with _open(args.url) as store:
-        steps = _select_steps(args.steps, store.steps(), store.url) if args.steps else None
+        steps = _select_steps(store, args.steps) if args.steps else None
         if steps == []:
             print("no committed steps in that range", file=sys.stderr)
             return EXIT_NOT_FOUND
@@ -255,10 +262,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
     import ckptstore
     from ckptstore.copy import copy_steps
 
-    if not _check_step_specs("cp", args.steps):
-        return EXIT_USAGE
     with _open(args.src) as src:
-        steps = _select_steps(args.steps, src.steps(), src.url) if args.steps else None
+        steps = _select_steps(src, args.steps) if args.steps else None
         if steps == []:
             print("no committed steps in that range", file=sys.stderr)
             return EXIT_NOT_FOUND
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show one step: commit, metadata, tensors",
                           description="Show a step's ref, metadata and every tensor (path, dtype, shape, bytes).")
     show.add_argument("url", help="store URL or path")
-    show.add_argument("step", type=int, help="step number")
+    show.add_argument("step", type=_step_arg, help="step number, 'latest' or a tag name")
     show.add_argument("--json", action="store_true", help="print JSON for scripts")
     show.set_defaults(run=cmd_show)
 
@@ -450,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Delete steps' refs. Data shared with other steps stays; unreferenced data "
                                     "is freed by gc. Asks for confirmation unless --yes.")
     rm.add_argument("url", help="store URL or path")
-    rm.add_argument("steps", nargs="+", help="steps or inclusive ranges like 100-200")
+    rm.add_argument("steps", nargs="+", type=_step_spec, metavar="STEP",
+                    help="step numbers, 'latest', tag names (the step the tag names) or inclusive ranges like 100-200")
     rm.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     rm.add_argument("--json", action="store_true", help="print JSON for scripts")
     rm.set_defaults(run=cmd_rm)
@@ -470,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checked once; every problem is listed, for every step it affects. "
                                         "Exit 0 when intact, 1 when anything is damaged or missing.")
     verify.add_argument("url", help="store URL or path")
-    verify.add_argument("steps", nargs="*", metavar="STEP", help="steps or inclusive ranges like 100-200 "
+    verify.add_argument("steps", nargs="*", metavar="STEP", type=_step_spec,
+                        help="step numbers, 'latest', tag names or inclusive ranges like 100-200 "
                         "(default: every step)")
     verify.add_argument("--deep", action="store_true", help="read and re-hash every chunk (reads all data)")
     verify.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -493,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "an error (exit 4) unless --overwrite or --skip-existing.")
     cp.add_argument("src", metavar="SRC", help="source store URL or path")
     cp.add_argument("dst", metavar="DST", help="destination store URL or path (created if absent)")
-    cp.add_argument("--steps", nargs="+", metavar="STEP", default=None,
-                    help="steps or inclusive ranges like 100-200 (default: every step)")
+    cp.add_argument("--steps", nargs="+", metavar="STEP", default=None, type=_step_spec,
+                    help="step numbers, 'latest', tag names or inclusive ranges like 100-200 (default: every step)")
     mode = cp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="atomically replace steps that exist in DST")
     mode.add_argument("--skip-existing", action="store_true", help="leave steps that exist in DST as they are")
@@ -509,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "go into the metadata as JSON (key ckptstore.tree). With --format dcp, OUT "
                                         "becomes a torch.distributed.checkpoint directory instead.")
     export.add_argument("url", help="store URL or path")
-    export.add_argument("step", type=_step_arg, help="step number or 'latest'")
+    export.add_argument("step", type=_step_arg, help="step number, 'latest' or a tag name")
     export.add_argument("out", help="output .safetensors file, or a directory for shards")
     export.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
                         help="shard size limit, e.g. 2GiB or 5GB (implies a sharded directory)")
@@ -551,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "it. A tagged step is kept by retention, and its data by gc.")
     tag.add_argument("url", help="store URL or path")
     tag.add_argument("name", nargs="?", default=None, help="tag name (letters, digits, '.', '_', '-')")
-    tag.add_argument("step", nargs="?", type=_step_arg, default=None, help="step number or 'latest'")
+    tag.add_argument("step", nargs="?", type=_step_arg, default=None,
+                     help="step number, 'latest' or another tag's name")
     tag.add_argument("-f", "--force", action="store_true", help="move the tag if it names another step")
     tag.add_argument("--delete", action="store_true", help="delete the tag NAME")
     tag.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -576,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (2), --help or --version (0): argparse has said why
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return int(args.run(args))
     except (errors.StepNotFoundError, errors.StoreNotFoundError) as exc:

@@ -68,7 +68,8 @@ def test_not_found_exit_codes(store_path: str, tmp_path) -> None:
     no_store = run_cli("ls", str(tmp_path / "typo"))
     assert no_store.returncode == EXIT_NOT_FOUND and "no ckptstore store" in no_store.stderr
     assert not (tmp_path / "typo").exists(), "listing must not create a store"
-    assert run_cli("rm", store_path, "x-y", "--yes").returncode == EXIT_USAGE
+    assert run_cli("rm", store_path, "x-y", "--yes").returncode == EXIT_NOT_FOUND  # a tag name, no such tag
+    assert run_cli("rm", store_path, "x/y", "--yes").returncode == EXIT_USAGE
 
 
 def test_import_and_ls_do_not_import_torch_numpy_or_cloud_sdks(store_path: str) -> None:

@@ -65,7 +65,8 @@ def test_verify_exit_codes_and_problems(store_path: str, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert f"step 200  corrupt-chunk  {key}" in out and "FAILED" in out
     assert main(["verify", store_path, "7"]) == EXIT_NOT_FOUND
-    assert main(["verify", store_path, "x"]) == EXIT_USAGE
+    assert main(["verify", store_path, "x"]) == EXIT_NOT_FOUND  # a tag name, and no such tag
+    assert main(["verify", store_path, "x/y"]) == EXIT_USAGE
 
 
 def test_du_reports_dedup_and_garbage(store_path: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,7 +117,8 @@ def test_cp_between_local_and_s3(store_path: str, s3_bucket: str, tmp_path: Path
     assert torch.equal(ckptstore.open(back).load(300)["m"], ckptstore.open(store_path).load(300)["m"])
     assert main(["cp", store_path, back, "--steps", "999"]) == EXIT_NOT_FOUND
     assert main(["cp", str(tmp_path / "nothing"), back]) == EXIT_NOT_FOUND
-    assert main(["cp", store_path, back, "--steps", "1-x"]) == EXIT_USAGE
+    assert main(["cp", store_path, back, "--steps", "1-x"]) == EXIT_NOT_FOUND  # a tag name, and no such tag
+    assert main(["cp", store_path, back, "--steps", "1-x/"]) == EXIT_USAGE
 
 
 def test_cp_creates_the_destination_with_the_source_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,9 +166,7 @@ def test_parse_size() -> None:
     for bad in ("lots", "-1", "0", "2XB"):
         with pytest.raises(Exception, match="size"):
             parse_size(bad)
-    with pytest.raises(SystemExit) as exited:
-        main(["export", "x", "1", "y", "--max-shard-size", "lots"])
-    assert exited.value.code == EXIT_USAGE
+    assert main(["export", "x", "1", "y", "--max-shard-size", "lots"]) == EXIT_USAGE
 
 
 def test_operator_commands_import_no_torch(store_path: str) -> None:
@@ -244,3 +244,23 @@ def test_locks_lists_and_clears_stale(store_path: str, capsys: pytest.CaptureFix
     assert code == EXIT_OK and [lk["name"] for lk in result["cleared"]] == [key]
     assert key not in [lk["name"] for lk in result["locks"]] and not store.backend.exists(key)
     assert main(["locks", store_path]) == EXIT_OK
+
+
+def test_every_command_takes_a_number_latest_or_a_tag_as_a_step(store_path: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "tag", store_path, "best", "200")[0] == EXIT_OK
+    for spec, step in (("200", 200), ("latest", 300), ("best", 200)):
+        assert run(capsys, "show", store_path, spec)[1]["step"] == step
+        code, result = run(capsys, "export", store_path, spec, str(tmp_path / f"{spec}.safetensors"))
+        assert code == EXIT_OK and result["step"] == step
+        assert run(capsys, "verify", store_path, spec)[1]["steps_checked"] == 1
+        assert run(capsys, "tag", store_path, f"t-{spec}", spec)[1] == {"tag": f"t-{spec}", "step": step}
+        dst = str(tmp_path / f"copy-{spec}")
+        assert run(capsys, "cp", store_path, dst, "--steps", spec)[0] == EXIT_OK
+        assert ckptstore.open(dst).steps() == [step]
+    assert run(capsys, "show", store_path, "nope")[0] == EXIT_NOT_FOUND
+    assert run(capsys, "verify", store_path, "nope", "100-200")[0] == EXIT_NOT_FOUND
+    assert run(capsys, "verify", store_path, "best", "100-200")[1]["steps_checked"] == 2
+    assert run(capsys, "rm", store_path, "best", "--yes")[1]["deleted"] == [200]
+    assert run(capsys, "rm", store_path, "latest", "--yes")[1]["deleted"] == [300]
+    assert ckptstore.open(store_path).steps() == [100]
