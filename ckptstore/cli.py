@@ -10,7 +10,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ckptstore import errors
 from ckptstore.demo import run_demo
@@ -19,6 +19,37 @@ from ckptstore.keys import MAX_STEP
 from ckptstore.url import redact
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_EXISTS = 0, 1, 2, 3, 4
+
+
+class CommandError(Exception):
+    """A command stops with `message` and exit `code`; `kind` is the "error" of its --json form."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE, kind: str = "UsageError"):
+        super().__init__(message)
+        self.message, self.code, self.kind = message, code, kind
+
+
+class _UsageError(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises usage errors to `main` (which prints them as text or JSON) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _fail(as_json: bool, prefix: str, kind: str, message: str, code: int) -> int:
+    """Report an error: with --json as {"error": kind, "message": message} on stdout, else as
+    text on stderr. The exit code is the same either way."""
+    if as_json:
+        print_json({"error": kind, "message": message})
+    else:
+        print(f"{prefix}: {message}", file=sys.stderr)
+    return code
 
 
 def _open(url: str) -> Any:
@@ -67,17 +98,14 @@ def cmd_rm(args: argparse.Namespace) -> int:
         # A range removes the steps inside it that exist; a single missing step is an error.
         targets = _select_steps(store, args.steps)
         if not targets:
-            print("no committed steps in that range", file=sys.stderr)
-            return EXIT_NOT_FOUND
+            raise CommandError("no committed steps in that range", EXIT_NOT_FOUND, "StepNotFoundError")
         if not args.yes:
             if not sys.stdin.isatty():
-                print(f"refusing to delete {len(targets)} step(s) without --yes (stdin is not a terminal)",
-                      file=sys.stderr)
-                return EXIT_USAGE
+                raise CommandError(f"refusing to delete {len(targets)} step(s) without --yes "
+                                   "(stdin is not a terminal)")
             answer = input(f"delete {len(targets)} step(s) {_brief(targets)} from {store.url}? [y/N] ")
             if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted", file=sys.stderr)
-                return EXIT_ERROR
+                raise CommandError("nothing deleted", EXIT_ERROR, "Cancelled")
         for step in targets:
             store.delete(step)
     if args.json:
@@ -214,8 +242,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
         steps = _select_steps(store, args.steps) if args.steps else None
         if steps == []:
-            print("no committed steps in that range", file=sys.stderr)
-            return EXIT_NOT_FOUND
+            raise CommandError("no committed steps in that range", EXIT_NOT_FOUND, "StepNotFoundError")
         report = verify(store, steps, deep=args.deep, progress=True)
     if args.json:
         print_json(report.as_dict())
@@ -265,8 +292,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
     with _open(args.src) as src:
         steps = _select_steps(src, args.steps) if args.steps else None
         if steps == []:
-            print("no committed steps in that range", file=sys.stderr)
-            return EXIT_NOT_FOUND
+            raise CommandError("no committed steps in that range", EXIT_NOT_FOUND, "StepNotFoundError")
         # A new destination store gets the source's hash algorithm, so keys stay the same.
         with ckptstore.open(args.dst, hash_algorithm=src.marker.hash_algorithm) as dst:
             report = copy_steps(src, dst, steps, overwrite=args.overwrite, skip_existing=args.skip_existing,
@@ -282,15 +308,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def _needs_safetensors(command: str) -> int:
-    print(f"ckptstore {command}: needs the safetensors package: pip install 'ckptstore[safetensors]'",
-          file=sys.stderr)
-    return EXIT_ERROR
+    raise CommandError("needs the safetensors package: pip install 'ckptstore[safetensors]'", EXIT_ERROR,
+                       "ImportError")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "dcp" and args.max_shard_size is not None:
-        print("ckptstore export: --max-shard-size applies to safetensors only", file=sys.stderr)
-        return EXIT_USAGE
+        raise CommandError("--max-shard-size applies to safetensors only")
     try:
         from ckptstore.interop import export_dcp, export_safetensors
     except ImportError:
@@ -306,8 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         except ImportError:
             return _needs_safetensors("export")
         except OSError as exc:
-            print(f"ckptstore export: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            raise CommandError(str(exc), EXIT_ERROR, type(exc).__name__) from exc
     if args.json:
         print_json({"step": step, "format": args.format, "files": [str(f) for f in files]})
         return EXIT_OK
@@ -331,8 +354,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         except ImportError:
             return _needs_safetensors("import")
         except OSError as exc:
-            print(f"ckptstore import: {exc}", file=sys.stderr)
-            return EXIT_ERROR
+            raise CommandError(str(exc), EXIT_ERROR, type(exc).__name__) from exc
     if args.json:
         print_json({"format": kind, **info.__dict__})
         return EXIT_OK
@@ -373,8 +395,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
         if args.delete:
             if args.name is None or args.step is not None:
-                print("ckptstore tag: --delete takes a NAME and no STEP", file=sys.stderr)
-                return EXIT_USAGE
+                raise CommandError("--delete takes a NAME and no STEP")
             store.untag(args.name)
             result: dict[str, Any] = {"deleted": args.name}
             text = f"deleted tag {args.name}"
@@ -427,7 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ckptstore",
         description="Checkpoint store for ML training. A URL is a local path, file:///path, s3://bucket/prefix "
                     "(?endpoint=URL&region=R&profile=P), gs://bucket/prefix (?project=P) or memory://name.",
@@ -584,23 +605,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # a usage error (2), --help or --version (0): argparse has said why
+    except _UsageError as exc:
+        as_json = any(len(a) > 2 and "--json".startswith(a) for a in argv)  # argparse takes --js too
+        if not as_json:
+            exc.parser.print_usage(sys.stderr)
+        return _fail(as_json, f"{exc.parser.prog}: error", "UsageError", exc.message, EXIT_USAGE)
+    except SystemExit as exc:  # --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
+    prefix = f"ckptstore {args.command}"
     try:
         return int(args.run(args))
+    except CommandError as exc:
+        return _fail(as_json, prefix, exc.kind, exc.message, exc.code)
     except (errors.StepNotFoundError, errors.StoreNotFoundError) as exc:
-        print(f"ckptstore {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NOT_FOUND
+        return _fail(as_json, prefix, type(exc).__name__, str(exc), EXIT_NOT_FOUND)
     except (errors.StepExistsError, errors.CommitConflictError, errors.TagExistsError) as exc:
-        print(f"ckptstore {args.command}: {exc}", file=sys.stderr)
-        return EXIT_EXISTS
+        return _fail(as_json, prefix, type(exc).__name__, str(exc), EXIT_EXISTS)
     except errors.CkptStoreError as exc:
         url = getattr(args, "url", None) or getattr(args, "src", None)
         where = f" {redact(url)}" if url else ""
-        print(f"ckptstore {args.command}{where}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        if as_json:
+            return _fail(as_json, prefix, type(exc).__name__, str(exc), EXIT_ERROR)
+        return _fail(as_json, f"{prefix}{where}", type(exc).__name__, f"{type(exc).__name__}: {exc}", EXIT_ERROR)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `ckptstore ls | head`: the reader left, not an error

@@ -264,3 +264,32 @@ def test_every_command_takes_a_number_latest_or_a_tag_as_a_step(store_path: str,
     assert run(capsys, "rm", store_path, "best", "--yes")[1]["deleted"] == [200]
     assert run(capsys, "rm", store_path, "latest", "--yes")[1]["deleted"] == [300]
     assert ckptstore.open(store_path).steps() == [100]
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["show", "{store}", "999"], EXIT_NOT_FOUND),
+    (["show", "{store}", "nope"], EXIT_NOT_FOUND),
+    (["show", "{store}", "x/y"], EXIT_USAGE),
+    (["show", "{store}"], EXIT_USAGE),
+    (["ls", "{store}/typo"], EXIT_NOT_FOUND),
+    (["rm", "{store}", "100"], EXIT_USAGE),  # no --yes, and stdin is not a terminal
+    (["rm", "{store}", "900-999", "--yes"], EXIT_NOT_FOUND),
+    (["tag", "{store}", "t", "1", "--delete"], EXIT_USAGE),
+    (["tag", "{store}", "old", "200"], EXIT_EXISTS),
+    (["export", "{store}", "100", "{store}/x", "--format", "dcp", "--max-shard-size", "1GiB"], EXIT_USAGE),
+    (["gc", "{store}", "--min-age", "soon"], EXIT_USAGE),
+])
+def test_json_errors_are_json_with_the_same_exit_codes(store_path: str, argv: list[str], code: int,
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # noqa: SIM115 (closed with the test's stdin)
+    ckptstore.open(store_path).tag("old", 100)
+    argv = [a.format(store=store_path) for a in argv]
+    assert main(argv) == code
+    text = capsys.readouterr()
+    assert text.out == "" and text.err.strip(), "text mode: the error goes to stderr"
+    assert main([*argv, "--json"]) == code
+    text = capsys.readouterr()
+    error = json.loads(text.out)
+    assert set(error) == {"error", "message"} and error["message"] and text.err == ""
+    assert error["error"] == ("UsageError" if code == EXIT_USAGE else error["error"])
