@@ -7,6 +7,7 @@ commit conflict, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -201,6 +202,17 @@ def _step_spec(text: str) -> int | str | tuple[int, int]:
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"not a step or range: {text!r} ({_STEP_HELP}, or a range like 100-200)") from None
+
+
+def _seconds(text: str) -> float:
+    """A duration in seconds, finite and at least 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r} (use e.g. 0 or 3600)")
+    return value
 
 
 def _resolve_step(store: Any, step: int | str) -> int:
@@ -568,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "leases are fresh. --dry-run only reports what it would free.")
     gc.add_argument("url", help="store URL or path")
     gc.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
-    gc.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+    gc.add_argument("--min-age", type=_seconds, default=3600.0, metavar="SECONDS",
                     help="keep unreferenced objects younger than this (default 3600)")
     gc.add_argument("--json", action="store_true", help="print JSON for scripts")
     gc.set_defaults(run=cmd_gc)
@@ -636,6 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ckptstore ls | head`: the reader left, not an error
         sys.stderr.close()
         return EXIT_OK
+    except OSError as exc:  # a local file or path the command was given
+        return _fail(as_json, prefix, type(exc).__name__, str(exc), EXIT_ERROR)
+    except Exception as exc:  # a bug: still an exit code and one line, never a traceback
+        return _fail(as_json, prefix, type(exc).__name__,
+                     f"internal error: {type(exc).__name__}: {exc} (please report it)", EXIT_ERROR)
 
 
 if __name__ == "__main__":
