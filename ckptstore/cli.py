@@ -109,8 +109,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 raise CommandError("nothing deleted", EXIT_ERROR, "Cancelled")
         for step in targets:
             store.delete(step)
+        tagged = {name: step for name, step in store.tags().items() if step in targets}
+    for name, step in tagged.items():
+        print(f"warning: step {step} is tagged {name!r}: the tag keeps its data alive (gc will not free it); "
+              f"'ckptstore tag {redact(args.url)} {name} --delete' removes the tag", file=sys.stderr)
     if args.json:
-        print_json({"deleted": targets})
+        print_json({"deleted": targets, **({"kept_by_tags": tagged} if tagged else {})})
     else:
         print(f"deleted {len(targets)} step(s): {_brief(targets)} (run gc to free their data)")
     return EXIT_OK

@@ -293,3 +293,18 @@ def test_json_errors_are_json_with_the_same_exit_codes(store_path: str, argv: li
     error = json.loads(text.out)
     assert set(error) == {"error", "message"} and error["message"] and text.err == ""
     assert error["error"] == ("UsageError" if code == EXIT_USAGE else error["error"])
+
+
+def test_rm_of_a_tagged_step_warns_that_the_tag_keeps_its_data(store_path: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    ckptstore.open(store_path).tag("best", 200)
+    code, result = run(capsys, "rm", store_path, "100-200", "--yes")
+    assert code == EXIT_OK and result == {"deleted": [100, 200], "kept_by_tags": {"best": 200}}
+    assert main(["rm", store_path, "300", "--yes"]) == EXIT_OK
+    assert "warning" not in capsys.readouterr().err, "an untagged step: no warning"
+    store = ckptstore.open(store_path)
+    store.save(400, {"x": torch.ones(3)})
+    store.tag("keep", 400)
+    assert main(["rm", store_path, "keep", "--yes"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "step 400 is tagged 'keep'" in err and "keeps its data alive" in err and "keep --delete" in err
