@@ -293,7 +293,7 @@ def cmd_du(args: argparse.Namespace) -> int:
           f"{human_bytes(usage.stored_chunk_bytes)}, {usage.stored_manifests} manifests "
           f"{human_bytes(usage.stored_manifest_bytes)}")
     print(f"garbage     {human_bytes(usage.garbage_bytes)} in {usage.garbage_objects} objects "
-          f"(no ref reaches them; gc frees them)")
+          f"(no ref reaches them; gc frees them once older than --min-age, default 3600s)")
     if usage.missing_objects:
         print(f"missing     {usage.missing_objects} referenced objects are not stored: run ckptstore verify")
     for line in usage.unreadable_refs:
@@ -398,7 +398,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.as_dict())
     else:
-        _print_fields(report.as_dict())
+        fields = report.as_dict()
+        if report.dry_run:  # nothing was deleted: say what a sweep would delete
+            fields = {k.replace("deleted_", "would_delete_"): v for k, v in fields.items()
+                      if k != "staging_removed"}
+        _print_fields(fields)
+        objects = f"{report.deleted_manifests} manifests and {report.deleted_chunks} chunks"
+        if report.dry_run:
+            print(f"dry run: would delete {objects} ({human_bytes(report.deleted_bytes)}); nothing was deleted")
+        elif report.ran:
+            print(f"deleted {objects}, freeing {human_bytes(report.deleted_bytes)}")
+        if report.kept_young:
+            print(f"kept {report.kept_young} unreferenced objects younger than --min-age {args.min_age:g}s "
+                  f"(a save in flight may still need them); 'ckptstore gc {redact(args.url)} --min-age 0' "
+                  "frees them now")
     if report.failed:  # it failed closed: kept everything, and says why
         print(f"ckptstore gc {redact(args.url)}: {report.reason}", file=sys.stderr)
         for broken in report.broken_refs:

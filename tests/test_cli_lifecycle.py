@@ -228,6 +228,24 @@ def test_gc_dry_run_then_sweep(store_path: str, capsys: pytest.CaptureFixture[st
     assert "dry run" in capsys.readouterr().out
 
 
+def test_gc_text_says_would_delete_and_why_young_garbage_stays(store_path: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    ckptstore.open(store_path).delete(200)
+    assert main(["du", store_path]) == EXIT_OK
+    assert "gc frees them once older than --min-age" in capsys.readouterr().out
+    assert main(["gc", store_path, "--dry-run", "--min-age", "0"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "would delete" in out and "deleted" not in out.replace("nothing was deleted", "")
+    assert main(["gc", store_path]) == EXIT_OK  # default --min-age 3600: the garbage is too young
+    out = capsys.readouterr().out
+    young = run(capsys, "gc", store_path, "--dry-run")[1]["kept_young"]
+    assert young >= 2 and f"kept {young} unreferenced objects younger than --min-age 3600s" in out
+    assert "--min-age 0' frees them now" in out
+    assert main(["gc", store_path, "--min-age", "0"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "freeing" in out and "younger than --min-age" not in out
+
+
 def test_locks_lists_and_clears_stale(store_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     store = ckptstore.open(store_path)
     key = keys.lock_key("save-deadbeef00000000")
