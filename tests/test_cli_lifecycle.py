@@ -127,7 +127,7 @@ def test_cp_creates_the_destination_with_the_source_hash(tmp_path: Path, capsys:
     assert main(["cp", str(tmp_path / "sha"), str(tmp_path / "new")]) == EXIT_OK
     assert "copied 1 steps" in capsys.readouterr().out
     assert ckptstore.open(str(tmp_path / "new")).marker.hash_algorithm == "sha256"
-    ckptstore.open(str(tmp_path / "b3"))
+    ckptstore.open(str(tmp_path / "b3")).save(9, {"y": torch.zeros(2)})  # a store with the default hash
     assert main(["cp", str(tmp_path / "sha"), str(tmp_path / "b3")]) == EXIT_ERROR
     assert "IncompatibleStoresError" in capsys.readouterr().err
 
