@@ -70,6 +70,7 @@ def test_no_argv_raises_or_prints_a_traceback(store_path: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))  # noqa: SIM115 (rm without --yes must refuse)
+    monkeypatch.chdir(tmp_path)  # odd values ('inf', '') are relative store paths: never in the checkout
     rng = random.Random(14)
     cases = [["show", store_path, "-1"], ["show", store_path, "9" * 5000], ["show", store_path, ""],
              ["rm", store_path, "0-99999999999999999999", "--yes"], ["export", store_path, "\x00", "x"],
