@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptstore.distributed import SINGLE_PROCESS, resolve_group
-from ckptstore.errors import UnsupportedValueError
+from ckptstore.errors import InvalidArgumentError, UnsupportedValueError
 from ckptstore.tree import MAX_DEPTH, format_path
 
 __all__ = ["AsyncSaver", "StagingPool", "saver_for"]
@@ -169,7 +169,7 @@ class AsyncSaver:
 
     def __init__(self, store: Any, *, max_in_flight: int = 1):
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
+            raise InvalidArgumentError(f"max_in_flight must be a positive int, got {max_in_flight!r}")
         self.store = store
         self.pool = StagingPool()
         self.max_in_flight = max_in_flight

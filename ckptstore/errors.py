@@ -13,6 +13,8 @@ The tree::
     ├── StoreNotFoundError            a URL points at no store and create=False
     ├── InvalidKeyError               a key that could escape the root or is malformed
     ├── InvalidURLError               a store URL ckptstore cannot open
+    ├── InvalidArgumentError          a bad argument to the public API (also a ValueError)
+    │   └── InvalidStepError          a step that is not an int in [0, MAX_STEP]
     ├── StepExistsError               commit without overwrite found the step committed
     ├── StepNotFoundError             the requested step has no ref
     │   └── TagNotFoundError          the requested tag has no ref
@@ -103,6 +105,14 @@ class InvalidKeyError(CkptStoreError, ValueError):
 
 class InvalidURLError(CkptStoreError, ValueError):
     """A store URL that ckptstore cannot open."""
+
+
+class InvalidArgumentError(CkptStoreError, ValueError):
+    """A bad argument to the public API (keep_last=0, retries=-1, ...); also a ValueError."""
+
+
+class InvalidStepError(InvalidArgumentError):
+    """A step that is not an int in [0, MAX_STEP] (save(-1, ...)); also a ValueError."""
 
 
 def _when(timestamp: float) -> str:

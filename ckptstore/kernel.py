@@ -41,6 +41,7 @@ from ckptstore.errors import (
     FormatError,
     InsufficientMemoryError,
     IntegrityError,
+    InvalidArgumentError,
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
@@ -196,7 +197,7 @@ class StoreKernel:
         keys.check_step(step)
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
         ensure_conditional_writes(self.backend)
         try:
             msgpack.packb(metadata, use_bin_type=True)

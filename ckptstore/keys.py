@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ckptstore.errors import InvalidKeyError
+from ckptstore.errors import InvalidKeyError, InvalidStepError
 
 MARKER = "CKPTSTORE"
 CHUNKS = "chunks/"
@@ -72,7 +72,7 @@ def digest_from_key(key: str) -> str:
 def check_step(step: object) -> int:
     """Return `step` if it is a valid step number (int in [0, 10**20))."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
-        raise ValueError(f"a step is an int in [0, {MAX_STEP}], got {step!r}")
+        raise InvalidStepError(f"a step is an int in [0, {MAX_STEP}], got {step!r}")
     return step
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlparse
 
 from ckptstore.backends.base import Backend
-from ckptstore.errors import InvalidURLError
+from ckptstore.errors import InvalidArgumentError, InvalidURLError
 
 SCHEMES = ("file", "memory", "s3", "gs")
 
@@ -112,7 +112,7 @@ def retries_option(url: str | os.PathLike[str], explicit: int | None, default: i
         raise InvalidURLError(f"retries given both in the URL and as an argument ({redact(text)!r})")
     if explicit is not None:
         if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 0:
-            raise ValueError(f"retries must be a non-negative int, got {explicit!r}")
+            raise InvalidArgumentError(f"retries must be a non-negative int, got {explicit!r}")
         return explicit
     if not found:
         return default
