@@ -187,6 +187,8 @@ class AsyncSaver:
         import time
 
         started = time.perf_counter()
+        if resolve_group(process_group) is None:  # a committed step is refused here, not in the Future
+            self.store.refuse_committed(step, overwrite)
         self._slots.acquire()  # at most max_in_flight saves: a further one waits here
         waited = time.perf_counter()
         try:

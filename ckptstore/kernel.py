@@ -185,12 +185,23 @@ class StoreKernel:
         retention (`Store.save` documents the arguments; it adds the save across ranks)."""
         started = time.perf_counter()
         self._check_save_arguments(step, metadata, keep_last, keep_every)
+        self.refuse_committed(step, overwrite)
         # The epoch is read before the lease exists: a gc that lists leases before our lease
         # appears must have bumped the epoch after this read, and we see that at commit.
         epoch_at_start, _ = read_epoch(self.backend)
         with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
             info = self._save_leased(step, state, overwrite, metadata, epoch_at_start, started)
         return self.retain_after_commit(info, keep_last=keep_last, keep_every=keep_every)
+
+    def refuse_committed(self, step: int, overwrite: bool) -> None:
+        """Without `overwrite`, raise StepExistsError when `step` is committed already, before
+        the save writes a single chunk (one read of its ref). Only an early refusal: a step
+        committed after this read is still refused, or replaced, by the commit itself."""
+        if overwrite:
+            return
+        found = read_ref(self.backend, keys.step_ref_key(step))
+        if found is not None:
+            raise StepExistsError(step, found[0].committed, found[0].writer)
 
     def _check_save_arguments(self, step: int, metadata: Any, keep_last: int | None,
                               keep_every: int | None) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import ckptstore
+from ckptstore import keys
+from ckptstore.url import open_backend
 
 
 # -- every error derives from CkptStoreError (README), bad arguments too --------------------
@@ -32,4 +35,24 @@ def test_bad_arguments_are_ckptstore_errors(tmp_path: Path) -> None:
     with pytest.raises(ckptstore.InvalidArgumentError, match="max_in_flight"):
         AsyncSaver(store, max_in_flight=0)
     assert issubclass(ckptstore.InvalidArgumentError, ValueError)
+
+
+# -- a save of a committed step fails before it writes anything -----------------------------
+def test_save_of_a_committed_step_writes_no_chunk(tmp_path: Path) -> None:
+    from ckptstore.testing.wrappers import CountingBackend
+
+    url = str(tmp_path / "s")
+    ckptstore.open(url).save(4, {"w": torch.arange(1000.0)})
+    counting = CountingBackend(open_backend(url))
+    store = ckptstore.Store(counting)
+    with pytest.raises(ckptstore.StepExistsError):
+        store.save(4, {"w": torch.arange(2000.0)})
+    puts = [key for op, key in counting.log if op == "put"]
+    assert not [k for k in puts if k.startswith((keys.CHUNKS, keys.MANIFESTS))], puts
+    with pytest.raises(ckptstore.StepExistsError):
+        store.save_async(4, {"w": torch.arange(3000.0)})  # at submit, not in the Future
+    assert not [k for op, k in counting.log if op == "put" and k.startswith((keys.CHUNKS, keys.MANIFESTS))]
+    store.save(4, {"w": torch.arange(2000.0)}, overwrite=True)
+    assert torch.equal(store.load(4)["w"], torch.arange(2000.0))
+    store.close()
 
