@@ -67,6 +67,9 @@ def _translate(key: str, operation: str) -> Iterator[None]:
     except IsADirectoryError as exc:
         raise ObjectNotFoundError("key names a directory", key=key, operation=operation) from exc
     except OSError as exc:
+        if exc.errno == errno.EROFS:  # a read-only mount refuses writes like a permission would
+            raise PermissionDeniedError(f"read-only file system: {exc.strerror}", key=key,
+                                        operation=operation) from exc
         if exc.errno == errno.ENOTDIR:
             raise ObjectNotFoundError("no such object", key=key, operation=operation) from exc
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where an object should be

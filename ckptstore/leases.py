@@ -18,6 +18,7 @@ once: a killed save does not make gc stand down for `ttl`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import threading
 from dataclasses import dataclass
@@ -122,9 +123,12 @@ class Lease:
     def __enter__(self) -> Lease:
         try:
             self.backend.put(self.key, self._payload(), mode=CREATE)
-        except PermissionDeniedError:
+        except PermissionDeniedError as exc:
             if self.required:
                 raise
+            logging.getLogger("ckptstore").warning(
+                "no lease for this read (%s): a gc might run during it; with read-only access that "
+                "is expected (gc's min_age protects recent data)", exc)
             return self
         self.held = True
         self._thread = threading.Thread(target=self._refresh, name="ckptstore-lease", daemon=True)

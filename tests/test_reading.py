@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import keys
+from ckptstore import errors, keys
 from ckptstore.url import open_backend
 
 
@@ -56,3 +56,82 @@ def test_save_of_a_committed_step_writes_no_chunk(tmp_path: Path) -> None:
     assert torch.equal(store.load(4)["w"], torch.arange(2000.0))
     store.close()
 
+
+# -- reads work without write access --------------------------------------------------------
+def _saved_store(root: Path) -> str:
+    url = str(root / "store")
+    with ckptstore.open(url) as store:
+        store.save(1, {"w": torch.arange(6.0), "cfg": {"lr": 0.1}})
+        store.tag("best", 1)
+    return url
+
+
+def test_read_only_filesystem_reads_without_a_lease_and_warns_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import errno
+    import logging
+
+    from ckptstore.backends.local import LocalBackend
+    from ckptstore.verify import verify
+
+    url = _saved_store(tmp_path)
+
+    def read_only(self: LocalBackend, path: str) -> None:  # what a read-only mount answers any write
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(LocalBackend, "_ensure_dir", read_only)
+    with ckptstore.open(url) as store:
+        with pytest.raises(errors.PermissionDeniedError, match="read-only file system"):
+            store.backend.put("locks/x", b"x", mode=__import__("ckptstore.backends.base", fromlist=["CREATE"]).CREATE)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            assert torch.equal(store.load(1)["w"], torch.arange(6.0))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "gc might run during it" in warnings[0], warnings
+        assert store.steps() == [1] and store.latest() == 1 and store.ref("best").step == 1
+        assert store.load("best")["cfg"] == {"lr": 0.1}
+        assert verify(store).ok
+
+
+def test_reads_by_a_user_who_may_only_read(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the read as another user")
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"no {python} that another user may run")
+    root = Path(tempfile.mkdtemp(prefix="ckptstore-ro-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        url = _saved_store(root)
+        # The venv's interpreter lives under /root, which nobody may not enter: run the system's
+        # Python of the same version on the venv's packages (their .pth files: the editable install).
+        script = (
+            f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
+            "import ckptstore, torch\n"
+            "from ckptstore.verify import verify\n"
+            f"s = ckptstore.open({url!r})\n"
+            "assert torch.equal(s.load()['w'], torch.arange(6.0))\n"
+            "assert s.steps() == [1] and s.ref('best').step == 1 and s.load('best')['cfg'] == {'lr': 0.1}\n"
+            "assert verify(s).ok\n"
+            "print('READ-OK')\n"
+        )
+
+        def as_nobody() -> None:
+            os.setgid(65534)
+            os.setuid(65534)
+
+        before = sorted(p.relative_to(root) for p in root.rglob("*"))
+        env = {**os.environ, "HOME": "/tmp"}
+        result = subprocess.run([python, "-c", script], preexec_fn=as_nobody, capture_output=True, text=True,
+                                timeout=120, cwd="/", env=env)
+        assert result.returncode == 0 and "READ-OK" in result.stdout, result.stderr[-2000:]
+        assert "gc might run during it" in result.stderr
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the read created nothing
+    finally:
+        subprocess.run(["rm", "-rf", str(root)], check=False)
