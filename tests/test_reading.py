@@ -135,3 +135,32 @@ def test_reads_by_a_user_who_may_only_read(tmp_path: Path) -> None:
         assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # the read created nothing
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_s3_reads_with_read_only_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server of its own: the session's shared server keeps its single admin identity."""
+    from ckptstore.testing import servers
+    from ckptstore.verify import verify
+
+    try:
+        server = servers.start_seaweedfs(tmp_path / "weed", read_only_identity=True)
+    except FileNotFoundError as exc:  # no weed binary here
+        pytest.skip(str(exc))
+    try:
+        for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            monkeypatch.delenv(var, raising=False)
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{server.new_bucket()}/store"
+        with ckptstore.open(url) as store:
+            store.save(1, {"w": torch.arange(6.0)})
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.SEAWEEDFS_READ_ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.SEAWEEDFS_READ_SECRET_KEY)
+        with ckptstore.open(url) as store:
+            with pytest.raises(errors.PermissionDeniedError):
+                store.save(2, {"w": torch.zeros(1)})  # the credentials really are read-only
+            assert torch.equal(store.load(1)["w"], torch.arange(6.0))
+            assert store.steps() == [1] and store.ref(1).step == 1
+            assert verify(store).ok
+    finally:
+        server.stop()

@@ -31,6 +31,7 @@ import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import random
 import shutil
@@ -65,6 +66,8 @@ __all__ = [
 
 SEAWEEDFS_ACCESS_KEY = "testkey"
 SEAWEEDFS_SECRET_KEY = "testsecret"
+SEAWEEDFS_READ_ACCESS_KEY = "readkey"  # start_seaweedfs(read_only_identity=True): Read and List only
+SEAWEEDFS_READ_SECRET_KEY = "readsecret"
 DEFAULT_S3_REGION = "us-east-1"
 DEFAULT_GCS_PROJECT = "ckptstore-test"
 
@@ -406,13 +409,16 @@ def _socket_dir(run_dir: Path) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="ckw-")), True
 
 
-def start_seaweedfs(workdir: Path, *, volume_size_limit_mb: int | None = 16) -> S3Server:
+def start_seaweedfs(workdir: Path, *, volume_size_limit_mb: int | None = 16,
+                    read_only_identity: bool = False) -> S3Server:
     """Start `weed mini` (S3 gateway with SigV4: testkey/testsecret) on free loopback ports.
 
     `volume_size_limit_mb`: the size at which the server starts a new volume; None keeps
     `weed mini`'s own default (128 MiB). Tests keep 16, so that a volume per bucket fits on
     the disk (see the argv comment); benchmarks pass None, because with 16 MiB volumes
-    creating volumes dominates a big upload.
+    creating volumes dominates a big upload. `read_only_identity`: also accept
+    readkey/readsecret, allowed only Read and List (../shared/TEST-SERVERS.md); the admin
+    identity testkey/testsecret works as always.
 
     Each start gets a fresh run directory under `workdir` with the data dir (`data/`), the
     server's log (`weed.log`), its glog files and its S3/filer sockets. Raises `ServerStartError`
@@ -425,7 +431,7 @@ def start_seaweedfs(workdir: Path, *, volume_size_limit_mb: int | None = 16) -> 
     last: ServerStartError | None = None
     for _ in range(START_ATTEMPTS):
         try:
-            return _start_seaweedfs_once(weed, workdir, rng, volume_size_limit_mb)
+            return _start_seaweedfs_once(weed, workdir, rng, volume_size_limit_mb, read_only_identity)
         except ServerStartError as e:
             last = e
             if not _is_port_conflict(e):
@@ -435,8 +441,19 @@ def start_seaweedfs(workdir: Path, *, volume_size_limit_mb: int | None = 16) -> 
 
 
 def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random,
-                          volume_size_limit_mb: int | None) -> S3Server:
+                          volume_size_limit_mb: int | None, read_only_identity: bool = False) -> S3Server:
     run_dir = Path(tempfile.mkdtemp(prefix="weed-", dir=workdir))
+    identities: list[str] = []
+    if read_only_identity:
+        config = run_dir / "s3.json"
+        config.write_text(json.dumps({"identities": [
+            {"name": "admin", "credentials": [{"accessKey": SEAWEEDFS_ACCESS_KEY, "secretKey": SEAWEEDFS_SECRET_KEY}],
+             "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+            {"name": "reader", "credentials": [{"accessKey": SEAWEEDFS_READ_ACCESS_KEY,
+                                                "secretKey": SEAWEEDFS_READ_SECRET_KEY}],
+             "actions": ["Read", "List"]},
+        ]}))
+        identities.append(f"-s3.config={config}")
     data_dir = run_dir / "data"
     data_dir.mkdir()
     sock_dir, sock_dir_is_temp = _socket_dir(run_dir)
@@ -468,6 +485,7 @@ def _start_seaweedfs_once(weed: str, workdir: Path, rng: random.Random,
         f"-admin.port={admin_port}",
         f"-s3.localSocket={sock_dir / f'seaweedfs-s3-{s3_port}.sock'}",
         f"-filer.localSocket={sock_dir / f'seaweedfs-filer-{filer_port}.sock'}",
+        *identities,
     ]
     env = dict(os.environ)
     for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
