@@ -37,6 +37,7 @@ from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
     InvalidKeyError,
+    InvalidURLError,
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
@@ -83,6 +84,8 @@ class LocalBackend(Backend):
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = os.path.abspath(os.fspath(root))
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise InvalidURLError(f"{self.root} is a regular file, not a store directory")
         self.url = f"file://{self.root}"
         self._tmp = os.path.join(self.root, TMP_DIR)
         self._known_dirs: set[str] = set()

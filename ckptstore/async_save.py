@@ -189,6 +189,9 @@ class AsyncSaver:
         started = time.perf_counter()
         if resolve_group(process_group) is None:  # a committed step is refused here, not in the Future
             self.store.refuse_committed(step, overwrite)
+        # The save starts here: the first write creates the store now, so a read right after
+        # the submit finds a store (empty until the commit), not StoreNotFoundError.
+        self.store.marker  # noqa: B018
         self._slots.acquire()  # at most max_in_flight saves: a further one waits here
         waited = time.perf_counter()
         try:

@@ -36,7 +36,10 @@ def run_demo(directory: str, *, steps: int = 6) -> None:
     model, optimizer = _make_model()
     inputs = torch.randn(512, 256)
     targets = inputs[:, :1] * 3 - 1
-    start = store.latest()
+    try:
+        start = store.latest()
+    except ckptstore.StoreNotFoundError:  # nothing saved here yet: the first save creates the store
+        start = None
     first = 0 if start is None else start + 1
     if start is not None:
         store.load(start, into=_state(model, optimizer, start))

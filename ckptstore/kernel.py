@@ -1,6 +1,6 @@
 """The store's kernel: everything a Store does from one process, and what it builds on.
 
-`StoreKernel` opens (or creates) the store's marker, saves a step from this process alone,
+`StoreKernel` reads the store's marker (its first write creates it), saves a step from this process alone,
 settles with a concurrent gc, applies retention, tags, reads, loads and deletes steps, and
 lists or clears locks. It is the only code that knows the order of writes of a save
 (docs/FORMAT.md, "Commit protocol"): chunks, then the manifest, then the ref. A step exists
@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -141,8 +142,45 @@ class StoreKernel:
         self.threads = max(1, threads)
         self.verify = verify
         hasher(hash_algorithm)  # reject an unknown name before anything is written
-        self.marker = self._open_marker(create, hash_algorithm)
-        self._hash = hasher(self.marker.hash_algorithm)
+        # Opening never writes: the store (its CKPTSTORE marker) is created by the first write.
+        self._create = create
+        self._hash_algorithm = hash_algorithm
+        self._marker: Marker | None = self._read_marker()
+        if self._marker is None and not create:
+            raise self._not_found()
+
+    @property
+    def marker(self) -> Marker:
+        """The store's marker. Writers reach it before they write: with `create=True` and no
+        store at the URL yet, this creates it (reads call `_require_store`, which never does)."""
+        if self._marker is None:
+            self._marker = self._read_marker() or self._create_marker()
+        return self._marker
+
+    @property
+    def _hash(self) -> Callable[[Any], str]:
+        return hasher(self.marker.hash_algorithm)
+
+    def _not_found(self) -> StoreNotFoundError:
+        return StoreNotFoundError(
+            f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
+            f"save a step there first, or check the URL"
+        )
+
+    def _require_store(self) -> Marker:
+        """The marker, for a read: raises StoreNotFoundError (naming the URL) when there is no
+        store, and creates nothing."""
+        if self._marker is None:
+            self._marker = self._read_marker()
+            if self._marker is None:
+                raise self._not_found()
+        return self._marker
+
+    def _read_marker(self) -> Marker | None:
+        try:
+            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
+        except ObjectNotFoundError:
+            return None
 
     @property
     def url(self) -> str:
@@ -161,17 +199,12 @@ class StoreKernel:
         """Release the backend's connections."""
         self.backend.close()
 
-    def _open_marker(self, create: bool, hash_algorithm: str) -> Marker:
-        try:
-            return decode_marker(self.backend.get_small(keys.MARKER, MAX_REF_BYTES).data)
-        except ObjectNotFoundError:
-            if not create:
-                raise StoreNotFoundError(
-                    f"no ckptstore store at {self.url} (no {keys.MARKER} marker); "
-                    f"save a step there first, or check the URL"
-                ) from None
+    def _create_marker(self) -> Marker:
+        """Create the store (the first write does): a create-only put of the marker."""
+        if not self._create:
+            raise self._not_found()
         ensure_conditional_writes(self.backend)  # creating the marker is a create-only put too
-        marker = Marker(hash_algorithm, time.time())
+        marker = Marker(self._hash_algorithm, time.time())
         try:
             self.backend.put(keys.MARKER, encode_marker(marker), mode=CREATE)
             return marker
@@ -210,6 +243,7 @@ class StoreKernel:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
         ensure_conditional_writes(self.backend)
+        self.marker  # noqa: B018 - the first write creates the store (its marker)
         try:
             msgpack.packb(metadata, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -343,6 +377,7 @@ class StoreKernel:
         it will reference exists, re-check after any sweep, then the conditional put.
         """
         key = keys.tag_ref_key(name)
+        self._require_store()  # a tag names a committed step: there is nothing to create
         ensure_conditional_writes(self.backend)
         epoch_at_start, _ = read_epoch(self.backend)
         with Lease(self.backend, "save", writer_identity(), ttl=self.lease_ttl):
@@ -369,11 +404,13 @@ class StoreKernel:
 
     def untag(self, name: str) -> None:
         """Remove the tag `name` (at the version read now). Raises TagNotFoundError."""
+        self._require_store()
         if not self._delete_ref(keys.tag_ref_key(name)):
             raise TagNotFoundError(name, self.url)
 
     def tags(self) -> dict[str, int]:
         """Tag name -> tagged step."""
+        self._require_store()
         found = {}
         for info in self.backend.list(keys.TAG_REFS):
             ref = read_ref(self.backend, info.key)
@@ -385,6 +422,7 @@ class StoreKernel:
     def locks(self) -> list[LockInfo]:
         """Leases and locks under locks/, with owner, age and staleness by the server's clock
         (read off a scratch write; with read-only credentials, the local clock, with a warning)."""
+        self._require_store()
         try:
             now = probe_clock(self.backend).now()
         except PermissionDeniedError:
@@ -395,11 +433,13 @@ class StoreKernel:
     def clear_stale_locks(self) -> list[LockInfo]:
         """Delete leases and locks whose holder stopped refreshing them, judged by the server's
         clock and deleted only at the version judged; returns them."""
+        self._require_store()
         return clear_stale(self.backend, ttl=self.lease_ttl, now=probe_clock(self.backend).now())
 
     # -- read ------------------------------------------------------------------------------
     def steps(self) -> list[int]:
-        """Committed steps, ascending."""
+        """Committed steps, ascending. Raises StoreNotFoundError when the URL holds no store."""
+        self._require_store()
         found = (keys.step_from_ref_key(info.key) for info in self.backend.list(keys.STEP_REFS))
         return sorted(step for step in found if step is not None)
 
@@ -410,6 +450,7 @@ class StoreKernel:
 
     def ref(self, step: int | str) -> Ref:
         """The ref of `step`, or of the tag named by a str. Raises StepNotFoundError."""
+        self._require_store()
         if isinstance(step, str):
             tagged = read_ref(self.backend, keys.tag_ref_key(step))
             if tagged is None:
@@ -424,6 +465,7 @@ class StoreKernel:
 
     def manifest(self, digest: str) -> Manifest:
         """The manifest stored under `digest`, checked against it."""
+        self._require_store()
         key = keys.manifest_key(digest)
         try:
             # Bounded read: a hostile object at a manifest key cannot make us allocate more.
@@ -455,6 +497,7 @@ class StoreKernel:
         Raises StepNotFoundError, IntegrityError (corrupt or missing data, naming the step,
         tensor and key) or StateMismatchError (an `into` tensor of another shape or dtype).
         """
+        self._require_store()  # before the lease: reading a URL with no store creates nothing
         # A load lease makes a concurrent gc stand down. Read-only credentials cannot write
         # one: the load goes ahead without (gc's min_age still protects it in practice).
         with Lease(self.backend, "load", writer_identity(), ttl=self.lease_ttl, required=False):
@@ -505,6 +548,8 @@ class StoreKernel:
         """Delete the ref of `step` (its data is freed by gc), at the version read now.
         Raises StepNotFoundError, or PreconditionFailedError if the step was re-committed in
         between (the new commit stays)."""
+        keys.check_step(step)  # a bad argument is told before a missing store
+        self._require_store()
         try:
             deleted = self._delete_ref(keys.step_ref_key(step))
         except PreconditionFailedError as exc:

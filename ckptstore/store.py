@@ -47,7 +47,8 @@ class Store(StoreKernel):
     _open_options: dict[str, Any] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled, a Store is its URL and options, and unpickling opens it again (create=False).
+        """Pickled, a Store is its URL and options, and unpickling opens it again (with the
+        handle's `create`: a store not written yet, hence not created yet, reopens too).
         Clients, pools, thread pools and leases belong to one process: the copy makes its own.
         What travels: the backend's URL, this handle's chunking, compression, threads, verify
         and lease TTL, the retry count, and the `storage_options` given to `open`, credentials
@@ -59,7 +60,7 @@ class Store(StoreKernel):
             retries = max(0, int(getattr(self.backend, "attempts", 1)) - 1)
         options = {"chunking": self.chunking, "compression": self.compression, "threads": self.threads,
                    "verify": self.verify, "lease_ttl": self.lease_ttl, "retries": retries,
-                   "storage_options": recorded.get("storage_options")}
+                   "storage_options": recorded.get("storage_options"), "create": self._create}
         return _reopen, (self.url, options)
 
     # -- save ------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class Store(StoreKernel):
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GCReport:
         """Free chunks and manifests that no ref reaches and that are older than `min_age`
         seconds; safe while other processes save (docs/FORMAT.md, "Garbage collection")."""
+        self._require_store()  # gc writes its lock: never at a URL that holds no store
         if not dry_run:
             ensure_conditional_writes(self.backend)
         return collect_garbage(self.backend, self._hash, owner=writer_identity(), dry_run=dry_run,
@@ -122,9 +124,11 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     lease_ttl: float = DEFAULT_TTL,
     retries: int | None = None,
 ) -> Store:
-    """Open (and by default create) the store at `url`: a path, file://, or memory://.
+    """Open the store at `url`: a path, file://, or memory://. Opening never writes: with
+    `create=True` (the default) the store is created by the first write (save, tag, import,
+    cp destination), and a read at a URL with no store raises StoreNotFoundError.
 
-    `hash_algorithm` applies only when this call creates the store; an existing store keeps
+    `hash_algorithm` applies only when this handle's first write creates the store; an existing store keeps
     the algorithm its CKPTSTORE marker names. Chunking, compression, threads and verify are
     this handle's I/O settings and never change what a reader needs (default chunking: the
     backend's preferred chunk size, 64 MiB on S3, else ChunkingPolicy()). `storage_options` are
@@ -132,7 +136,7 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
     `retries`: how often each backend operation is retried after a TransientError, on top of
     the SDK's own retries (ckptstore.retry); default: the URL's `?retries=N`, else 4; 0 = off.
 
-    Raises StoreNotFoundError when `create=False` and no store is there, InvalidURLError
+    Raises StoreNotFoundError when `create=False` and no store is there (at once), InvalidURLError
     for a URL ckptstore cannot open, UnsupportedFormatError for a newer store format.
     """
     attempts = 1 + retries_option(url, retries, DEFAULT_RETRIES)
@@ -150,4 +154,5 @@ def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)
 
 def _reopen(url: str, options: dict[str, Any]) -> Store:
     """Unpickling a Store (Store.__reduce__): open it again in this process."""
-    return open(url, create=False, **options)
+    options = dict(options)
+    return open(url, create=options.pop("create", False), **options)

@@ -464,6 +464,7 @@ def test_open_local_golden_copy_with_marker_version_2(tmp_path: Path):
 
 def _plant_manifest(store: ckptstore.Store, obj: dict[str, Any], step: int = 1, ref_version: int = 1) -> None:
     """Store `obj` as a manifest and commit a ref to it, bypassing the writer."""
+    store.marker  # noqa: B018 - creates the store, as the writer's first write would
     data = pack(obj)
     digest = blake3_hex(data)
     store.backend.put(keys.manifest_key(digest), data)
@@ -700,6 +701,7 @@ def test_load_numpy_dtype_that_crashes_numpy_is_rejected_before_numpy_sees_it():
         from ckptstore.hashing import hasher
         manifest = msgpack.packb({_numpy_manifest("<M8[Y/0]", [1], 8)!r}, use_bin_type=True)
         store = ckptstore.open("memory://" + uuid.uuid4().hex)
+        store.marker  # creates the store, as the writer's first write would
         digest = hasher("blake3")(manifest)
         store.backend.put(keys.manifest_key(digest), manifest)
         store.backend.put(keys.step_ref_key(1), msgpack.packb({ref_obj()!r} | {{"manifest": digest, "step": 1}}))

@@ -60,7 +60,9 @@ def space() -> Iterator[str]:
 
 
 def _store(backend: Backend, ttl: float = 600.0) -> Store:
-    return Store(backend, chunking=SMALL, lease_ttl=ttl)
+    store = Store(backend, chunking=SMALL, lease_ttl=ttl)
+    store.marker  # noqa: B018 - create the store (opening no longer does)
+    return store
 
 
 def _objects(backend: Backend) -> set[str]:

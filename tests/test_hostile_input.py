@@ -234,6 +234,7 @@ def _ref(step: int) -> Ref:
 
 def test_oversized_ref_is_refused_without_reading_it(store_url: str):
     store = ckptstore.open(store_url)
+    store.marker  # noqa: B018 - create the store (opening no longer does)
     key = keys.step_ref_key(7)
     store.backend.put(key, encode_ref(_ref(7)) + b"\x00" * (8 * MiB), mode=OVERWRITE)
     result, peak = peak_of(lambda: read_ref(store.backend, key))

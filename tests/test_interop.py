@@ -160,7 +160,9 @@ def test_torch_save_file_with_code_is_refused(tmp_path: Path) -> None:
     store = ckptstore.open(str(tmp_path / "s"))
     with pytest.raises(InteropError, match="weights_only"):
         import_checkpoint(store, 1, tmp_path / "evil.pt")
-    assert not marker.exists() and store.steps() == []
+    assert not marker.exists()
+    with pytest.raises(ckptstore.StoreNotFoundError):  # a refused import creates nothing
+        store.steps()
 
 
 def test_import_dcp_directory(tmp_path: Path) -> None:
@@ -191,7 +193,9 @@ def test_dcp_metadata_with_code_is_refused(tmp_path: Path) -> None:
     store = ckptstore.open(str(tmp_path / "s"))
     with pytest.raises(InteropError, match="does not admit"):
         import_checkpoint(store, 1, tmp_path / "dcp")
-    assert not marker.exists() and store.steps() == []
+    assert not marker.exists()
+    with pytest.raises(ckptstore.StoreNotFoundError):  # a refused import creates nothing
+        store.steps()
 
 
 def test_dcp_bytes_item_with_code_is_refused(tmp_path: Path) -> None:
@@ -203,7 +207,9 @@ def test_dcp_bytes_item_with_code_is_refused(tmp_path: Path) -> None:
     store = ckptstore.open(str(tmp_path / "s"))
     with pytest.raises(InteropError):
         import_checkpoint(store, 1, tmp_path / "dcp")
-    assert not marker.exists() and store.steps() == []
+    assert not marker.exists()
+    with pytest.raises(ckptstore.StoreNotFoundError):  # a refused import creates nothing
+        store.steps()
 
 
 def test_unexportable_and_unrecognised_inputs_are_clear_errors(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@ StoreNotFoundError and creates nothing, and reads work without write access."""
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,115 @@ from ckptstore import errors, keys
 from ckptstore.url import open_backend
 
 
+def _objects(url: str) -> list[str]:
+    backend = open_backend(url)
+    try:
+        return [info.key for info in backend.list("")]
+    finally:
+        backend.close()
+
+
+@pytest.fixture(params=("local", "memory", "s3"))
+def missing_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(URL with no store, URL of what must stay empty: the parent dir, the space, the bucket)."""
+    if request.param == "local":
+        yield str(tmp_path / "ckpts-typo"), str(tmp_path)
+    elif request.param == "memory":
+        from ckptstore.backends.memory import drop_memory_space
+
+        name = uuid.uuid4().hex
+        yield f"memory://{name}", f"memory://{name}"
+        drop_memory_space(name)
+    else:
+        bucket = request.getfixturevalue("s3_bucket")
+        yield f"s3://{bucket}/ckpts-typo", f"s3://{bucket}"
+
+
+READS = {
+    "load": lambda s: s.load(),
+    "load_step": lambda s: s.load(3),
+    "latest": lambda s: s.latest(),
+    "steps": lambda s: s.steps(),
+    "ref": lambda s: s.ref(3),
+    "ref_tag": lambda s: s.ref("best"),
+    "info": lambda s: s.info(3),
+    "tags": lambda s: s.tags(),
+    "delete": lambda s: s.delete(3),
+    "untag": lambda s: s.untag("best"),
+    "tag": lambda s: s.tag("best", 3),
+    "gc": lambda s: s.gc(),
+    "locks": lambda s: s.locks(),
+}
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+def test_reading_a_url_with_no_store_raises_and_creates_nothing(missing_store: tuple[str, str], read: str) -> None:
+    url, container = missing_store
+    with ckptstore.open(url) as store, pytest.raises(errors.StoreNotFoundError,
+                                                      match=re.escape(f"no ckptstore store at {store.url} ")):
+        READS[read](store)
+    assert _objects(container) == []
+    if "://" not in url:
+        assert not Path(url).exists()
+
+
+def test_latest_on_a_typo_is_not_none(missing_store: tuple[str, str]) -> None:
+    """A resume script must not silently train from scratch."""
+    url, container = missing_store
+    with pytest.raises(errors.StoreNotFoundError):
+        ckptstore.open(url).latest()
+    assert _objects(container) == []
+
+
+def test_open_create_false_still_raises_at_open(missing_store: tuple[str, str]) -> None:
+    url, container = missing_store
+    with pytest.raises(errors.StoreNotFoundError):
+        ckptstore.open(url, create=False)
+    assert _objects(container) == []
+
+
+def test_the_first_save_creates_the_store(missing_store: tuple[str, str]) -> None:
+    url, _ = missing_store
+    with ckptstore.open(url, hash_algorithm="sha256") as store:
+        with pytest.raises(errors.StoreNotFoundError):
+            store.latest()
+        store.save(3, {"w": torch.arange(4.0)})
+        assert store.latest() == 3
+    with ckptstore.open(url, create=False) as store:
+        assert store.marker.hash_algorithm == "sha256"  # the option applies when the first write creates it
+        assert torch.equal(store.load(3)["w"], torch.arange(4.0))
+        assert keys.MARKER in _objects(url)
+
+
+def test_a_store_created_by_another_process_meanwhile_is_seen(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    reader = ckptstore.open(url)
+    with pytest.raises(errors.StoreNotFoundError):
+        reader.steps()
+    ckptstore.open(url, hash_algorithm="sha256").save(1, {"x": 1})
+    assert reader.steps() == [1]
+    assert reader.marker.hash_algorithm == "sha256"
+
+
+def test_concurrent_creators_use_the_first_marker(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    first, second = ckptstore.open(url), ckptstore.open(url, hash_algorithm="sha256")
+    first.save(1, {"x": 1})
+    second.save(2, {"x": 2})  # its marker read at open found nothing: the create-only put loses
+    assert second.marker.hash_algorithm == first.marker.hash_algorithm != "sha256"
+    assert second.steps() == [1, 2]
+
+
+def test_a_regular_file_path_is_an_error_saying_so(tmp_path: Path) -> None:
+    path = tmp_path / "ckpts.pt"
+    path.write_bytes(b"not a store")
+    with pytest.raises(errors.InvalidURLError, match=r"ckpts\.pt is a regular file, not a store directory"):
+        ckptstore.open(str(path))
+    with pytest.raises(errors.InvalidURLError, match="regular file"):
+        ckptstore.open(f"file://{path}", create=False)
+    assert path.read_bytes() == b"not a store"
+
+
 # -- every error derives from CkptStoreError (README), bad arguments too --------------------
 @pytest.mark.parametrize("step", [-1, 10**21, 1.5, "x", True])
 def test_an_invalid_step_is_a_ckptstore_error_and_a_value_error(tmp_path: Path, step: object) -> None:
@@ -21,6 +133,7 @@ def test_an_invalid_step_is_a_ckptstore_error_and_a_value_error(tmp_path: Path, 
         with pytest.raises(ckptstore.InvalidStepError) as caught:
             call()
         assert isinstance(caught.value, ckptstore.CkptStoreError) and isinstance(caught.value, ValueError)
+    assert not (tmp_path / "s").exists()
 
 
 def test_bad_arguments_are_ckptstore_errors(tmp_path: Path) -> None:

@@ -129,6 +129,7 @@ def generate(out: Path) -> None:
     clock = _Clock(STORE_OPEN_TIME)
     with _pinned(clock):
         store = ckptstore.open(root, chunking=STORE_POLICY, compression=STORE_COMPRESSION, threads=1)
+        store.marker  # noqa: B018 - create the store now, as opening did when the vectors were made
         clock.now = STORE_SAVE_TIME
         store.save(STORE_STEP, golden_state(), metadata=STORE_METADATA)
         store.close()
