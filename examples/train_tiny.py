@@ -99,7 +99,10 @@ def resume_step(store: ckptstore.Store, how: str) -> int | None:
     choice: list[int | None] = [None]
     if dist.get_rank() == 0:
         if how == "latest":
-            choice[0] = store.latest()
+            try:
+                choice[0] = store.latest()
+            except ckptstore.StoreNotFoundError:  # the first run: no store yet, train from scratch
+                choice[0] = None
         elif how != "none":
             choice[0] = int(how)
     dist.broadcast_object_list(choice, src=0)

@@ -219,7 +219,8 @@ def final_check(cfg: Config, commits: list[tuple[int, str]]) -> WorkerReport:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run the load test; returns the summary (see print_summary)."""
-    ckptstore.open(cfg.url).close()  # create the store once, before the processes race to
+    with ckptstore.open(cfg.url) as store:  # create the store once, before the processes race to
+        store.marker  # noqa: B018 - a writer's first use of the marker creates the store
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=writer, args=(cfg, i, out)) for i in range(cfg.writers)]

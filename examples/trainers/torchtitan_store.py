@@ -66,7 +66,10 @@ class StoreCheckpointManager(CheckpointManager):
 
     def _load(self, step: int = -1) -> bool:
         if step == -1:
-            latest = self.store.latest()
+            try:
+                latest = self.store.latest()
+            except ckptstore.StoreNotFoundError:  # nothing saved yet: a fresh run
+                latest = None
             if latest is None:
                 return False
             step = latest
