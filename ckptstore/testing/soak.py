@@ -728,7 +728,8 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
     cfg.workdir = str(workdir)
     (workdir / "journal").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
-    ckptstore.open(cfg.url).close()  # create the store once, before the workers race to
+    with ckptstore.open(cfg.url) as created:  # create the store once, before the workers race to
+        created.marker  # noqa: B018 - a writer's first use of the marker creates the store
     started = _REAL_TIME()
     orchestra = _Orchestra(cfg, workdir, started + cfg.seconds, random.Random(cfg.seed),
                            Journal(workdir / "orchestrator.jsonl"))
