@@ -12,6 +12,23 @@ Per step, in the order a save writes (docs/FORMAT.md, "Commit protocol"):
 4. commit the destination ref with `commit_ref`: create-only, or compare-and-swap with
    `overwrite=True`, exactly like `Store.save` (`StepExistsError` otherwise).
 
+A step the destination already holds with the same content (the manifest a copy would
+commit: the same digest, or the same manifest re-encoded with the destination's stored
+sizes) is "already there": a success that writes nothing, so an interrupted copy is simply
+run again. A step it holds with other content raises `StepExistsError` before anything is
+copied, unless `overwrite` or `skip_existing`.
+
+Then the source's tags that name a copied (or already there) step are created in the
+destination through `Store.tag`, so they follow the tag protocol (lease, gc epoch, objects
+checked). A tag the destination has on the same step is already there; on another step it
+raises `TagExistsError` before anything is copied, unless `overwrite` (moved to the copied
+step) or `skip_existing` (left as it is). A tag that names an older commit of its step than
+the one copied (the step was overwritten after tagging) is not copied: it would name other
+content in the destination. Those left alone are listed in `CopyReport.tags_skipped`.
+
+The source is only read: it is never created (a URL with no store raises
+`StoreNotFoundError`) and works with read-only credentials or a read-only mount.
+
 Both stores must use the same hash algorithm, because chunk and manifest keys are hashes.
 Chunks already in the destination are never transferred again, so repeating a copy moves
 no chunk bytes. The copy holds a save lease on the destination (and a load lease on the
@@ -42,9 +59,11 @@ from ckptstore.errors import (
     FormatError,
     IncompatibleStoresError,
     IntegrityError,
+    InvalidArgumentError,
     ObjectNotFoundError,
     StepExistsError,
     StepNotFoundError,
+    TagExistsError,
     UnsupportedFormatError,
 )
 from ckptstore.gclock import settle_with_gc
@@ -61,6 +80,11 @@ class CopyReport:
     src: str
     dst: str
     steps: list[int] = field(default_factory=list)  # steps committed in the destination
+    already_there: list[int] = field(default_factory=list)  # steps the destination held with the same content
+    skipped: list[int] = field(default_factory=list)  # steps it held with other content (skip_existing)
+    tags: list[str] = field(default_factory=list)  # tags created (or moved, with overwrite) in the destination
+    tags_already_there: list[str] = field(default_factory=list)  # tags it had on the same step
+    tags_skipped: list[str] = field(default_factory=list)  # tags of copied steps left alone (module docstring)
     chunks_copied: int = 0  # distinct chunks transferred
     bytes_copied: int = 0  # stored bytes of the chunks transferred
     chunks_skipped: int = 0  # distinct chunks the destination already had
@@ -96,23 +120,29 @@ def _read_source(src: Store, step: int) -> _Source:
 
 
 def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, overwrite: bool = False,
-               skip_existing: bool = False, progress: bool = False) -> CopyReport:
-    """Copy `steps` (default: every committed step) of `src` into `dst`; see the module docstring.
+               skip_existing: bool = False, progress: bool = False, tags: bool = True) -> CopyReport:
+    """Copy `steps` (default: every committed step) of `src` into `dst`, with the tags that name
+    them (`tags=False`: none); see the module docstring.
 
-    A step that exists in `dst` raises StepExistsError before anything is copied, unless
-    `overwrite` (atomic replace, as `save(..., overwrite=True)`) or `skip_existing` (leave it
-    as it is). Raises StepNotFoundError for a requested step `src` lacks, IntegrityError for
-    a missing or corrupt source object (the step is then not committed), and
-    IncompatibleStoresError when the stores use different hash algorithms.
+    A step (or tag) that `dst` holds with other content raises StepExistsError (TagExistsError)
+    before anything is copied, unless `overwrite` (atomic replace, as `save(..., overwrite=True)`;
+    a tag is moved) or `skip_existing` (leave it as it is); one with the same content is already
+    there. Raises StoreNotFoundError when `src` holds no store (nothing is created anywhere),
+    StepNotFoundError for a requested step `src` lacks, IntegrityError for a missing or corrupt
+    source object (the step is then not committed), IncompatibleStoresError when the stores use
+    different hash algorithms, and InvalidArgumentError for `overwrite` with `skip_existing`.
     """
     started = time.perf_counter()
-    if src.marker.hash_algorithm != dst.marker.hash_algorithm:
+    if overwrite and skip_existing:
+        raise InvalidArgumentError("overwrite and skip_existing exclude each other")
+    # The source is only read: a URL with no store raises here, and nothing is created.
+    src_algorithm = src._require_store().hash_algorithm
+    dst_algorithm = dst.marker.hash_algorithm  # the destination is written to: this creates it if needed
+    if src_algorithm != dst_algorithm:
         raise IncompatibleStoresError(
-            f"{src.url} hashes with {src.marker.hash_algorithm} and {dst.url} with {dst.marker.hash_algorithm}; "
+            f"{src.url} hashes with {src_algorithm} and {dst.url} with {dst_algorithm}; "
             f"keys are hashes, so steps can only be copied between stores that use the same algorithm "
             f"(load and save the steps instead)")
-    if overwrite and skip_existing:
-        raise ValueError("overwrite and skip_existing exclude each other")
     available = src.steps()
     if steps is None:
         wanted = available
@@ -122,22 +152,100 @@ def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, ov
         for step in wanted:
             if step not in present:
                 raise StepNotFoundError(step, src.url)
-    if not overwrite:
-        existing = set(dst.steps())
-        if skip_existing:
-            wanted = [s for s in wanted if s not in existing]
-        else:
-            for step in wanted:
-                if step in existing:
-                    ref = dst.ref(step)
-                    raise StepExistsError(step, ref.committed, ref.writer)
 
     report = CopyReport(src.url, dst.url)
     sources = list(bounded_map(lambda s: _read_source(src, s), wanted, src.threads))
+    todo = _steps_to_copy(dst, sources, overwrite=overwrite, skip_existing=skip_existing, report=report)
+    copied_digests = {s.step: s.digest for s in sources if s.step not in report.skipped}
+    tag_plan = _plan_tags(src, dst, copied_digests, overwrite=overwrite, skip_existing=skip_existing,
+                          report=report) if tags else []
+    if todo:
+        _commit_steps(src, dst, todo, overwrite=overwrite, progress=progress, report=report)
+    for name, step in tag_plan:
+        try:
+            dst.tag(name, step, overwrite=overwrite)
+            report.tags.append(name)
+        except TagExistsError as exc:  # created meanwhile by someone else
+            if exc.step != step:
+                raise
+            report.tags_already_there.append(name)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _steps_to_copy(dst: Store, sources: list[_Source], *, overwrite: bool, skip_existing: bool,
+                   report: CopyReport) -> list[_Source]:
+    """The sources `dst` still needs. Steps it holds with the same content are already there;
+    with other content they are skipped (`skip_existing`) or refused, before anything is copied."""
+    if overwrite:
+        return list(sources)
+    existing = set(dst.steps())
+    todo = []
+    for source in sources:
+        held = _held_ref(dst, source.step) if source.step in existing else None
+        if held is None:
+            todo.append(source)
+        elif _same_content(dst, held, source):
+            report.already_there.append(source.step)
+        elif skip_existing:
+            report.skipped.append(source.step)
+        else:
+            raise StepExistsError(source.step, held.committed, held.writer)
+    return todo
+
+
+def _held_ref(dst: Store, step: int) -> Ref | None:
+    try:
+        return dst.ref(step)
+    except StepNotFoundError:  # deleted since it was listed
+        return None
+
+
+def _same_content(dst: Store, held: Ref, source: _Source) -> bool:
+    """Whether `held` names the manifest a copy of `source` would commit: the same one, or the
+    same one re-encoded with the destination's stored sizes (see `_manifest_for`)."""
+    if held.manifest == source.digest:
+        return True
+
+    def sizeless(manifest: Manifest) -> Manifest:
+        return replace(manifest, chunks=tuple(replace(c, stored_size=0) for c in manifest.chunks))
+
+    return sizeless(dst.manifest(held.manifest)) == sizeless(source.manifest)
+
+
+def _plan_tags(src: Store, dst: Store, digests: dict[int, str], *, overwrite: bool, skip_existing: bool,
+               report: CopyReport) -> list[tuple[str, int]]:
+    """(name, step) of the source's tags on the steps in `digests` (step -> the manifest copied)
+    that `dst` needs; the others are reported. Raises TagExistsError before anything is copied."""
+    if not digests:
+        return []
+    held = dst.tags()
+    plan = []
+    for name in src.tags():
+        try:
+            tagged = src.ref(name)
+        except StepNotFoundError:  # untagged since it was listed
+            continue
+        if tagged.step not in digests:
+            continue
+        there = held.get(name)
+        if tagged.manifest != digests[tagged.step]:
+            report.tags_skipped.append(name)  # names an older commit of its step: other content
+        elif there == tagged.step:
+            report.tags_already_there.append(name)
+        elif there is None or overwrite:
+            plan.append((name, tagged.step))
+        elif skip_existing:
+            report.tags_skipped.append(name)
+        else:
+            raise TagExistsError(name, there)
+    return plan
+
+
+def _commit_steps(src: Store, dst: Store, sources: list[_Source], *, overwrite: bool, progress: bool,
+                  report: CopyReport) -> None:
+    """Copy each source's chunks and manifest into `dst` and commit its ref, as a save does."""
     total = sum({c.digest: c.stored_size for s in sources for c in s.manifest.chunks}.values())
-    if not sources:
-        report.seconds = time.perf_counter() - started
-        return report
     ensure_conditional_writes(dst.backend)
     owner = writer_identity()
     dst_ttl = getattr(dst, "lease_ttl", DEFAULT_TTL)
@@ -183,10 +291,15 @@ def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, ov
                 digest, encoded = _manifest_for(dst, source, dst_sizes)
                 _put_manifest(dst, digest, encoded)
             ref = Ref(manifest=digest, step=source.step, committed=time.time(), writer=owner)
-            commit_ref(dst.backend, keys.step_ref_key(source.step), ref, overwrite=overwrite)
+            try:
+                commit_ref(dst.backend, keys.step_ref_key(source.step), ref, overwrite=overwrite)
+            except StepExistsError:  # committed meanwhile (another copy of the same step?)
+                held = _held_ref(dst, source.step)
+                if held is None or not _same_content(dst, held, source):
+                    raise
+                report.already_there.append(source.step)
+                continue
             report.steps.append(source.step)
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _copy_chunk(src: Store, dst: Store, step: int, entry: ChunkEntry) -> tuple[ChunkEntry, int, bool]:

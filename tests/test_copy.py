@@ -201,3 +201,181 @@ def test_copy_puts_back_a_chunk_a_gc_swept_after_the_copy_found_it(tmp_path: Pat
     assert report.steps == [1] and report.bytes_copied > 0  # the swept chunk travelled after all
     assert verify(ckptstore.open(dst_url), deep=True).ok
     assert_same(state, ckptstore.open(dst_url).load(1))
+
+
+# -- tags, reruns, and a source that is only read (issue 14) -----------------------------------------
+
+
+def tag_steps(store: Store) -> None:
+    store.tag("first", 100)
+    store.tag("best", 200)
+
+
+@pytest.mark.parametrize("pair", ["local->s3", "memory->memory"])
+def test_cp_copies_the_tags_of_copied_steps(pair: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if pair == "local->s3":
+        src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+        dst = ckptstore.open(f"s3://{request.getfixturevalue('s3_bucket')}/run")
+    else:
+        src = ckptstore.open(f"memory://{tmp_path.name}-src", chunking=SMALL)
+        dst = ckptstore.open(f"memory://{tmp_path.name}-dst")
+    states = fill(src)
+    tag_steps(src)
+    report = copy_steps(src, dst, [200, 300])  # "first" names a step not copied: it stays behind
+    assert report.steps == [200, 300] and report.tags == ["best"] and report.as_dict()["tags"] == ["best"]
+    assert dst.tags() == {"best": 200}
+    assert_same(states[200], dst.load("best"))
+    assert dst.ref("best").manifest == src.ref("best").manifest
+
+    again = copy_steps(src, dst)  # 200 and 300 are there, 100 and its tag travel now
+    assert again.steps == [100] and again.already_there == [200, 300]
+    assert again.tags == ["first"] and again.tags_already_there == ["best"]
+    assert dst.tags() == {"best": 200, "first": 100}
+
+
+def test_cp_without_tags_copies_none(tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    fill(src)
+    tag_steps(src)
+    dst = ckptstore.open(f"memory://{tmp_path.name}-dst")
+    report = copy_steps(src, dst, tags=False)
+    assert report.steps == [100, 200, 300] and report.tags == []
+    assert dst.tags() == {}
+
+
+def test_a_tag_the_destination_has_on_another_step_needs_overwrite(tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    states = fill(src)
+    tag_steps(src)
+    dst = ckptstore.open(str(tmp_path / "dst"), chunking=SMALL)
+    dst.save(7, {"x": torch.ones(2)})
+    dst.tag("best", 7)
+
+    with pytest.raises(ckptstore.TagExistsError, match="'best' already names step 7"):
+        copy_steps(src, dst)
+    assert dst.steps() == [7] and dst.tags() == {"best": 7}  # refused before anything was copied
+
+    kept = copy_steps(src, dst, skip_existing=True)
+    assert kept.steps == [100, 200, 300] and kept.tags == ["first"] and kept.tags_skipped == ["best"]
+    assert dst.tags() == {"best": 7, "first": 100}
+
+    moved = copy_steps(src, dst, overwrite=True)
+    assert moved.tags == ["best"] and moved.tags_already_there == ["first"]
+    assert dst.tags() == {"best": 200, "first": 100}
+    assert_same(states[200], dst.load("best"))
+
+
+def test_a_tag_on_an_older_commit_of_its_step_is_not_copied(tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    src.save(1, {"x": torch.zeros(3)})
+    src.tag("old", 1)
+    src.save(1, {"x": torch.ones(3)}, overwrite=True)  # the tag still names the zeros
+    dst = ckptstore.open(f"memory://{tmp_path.name}-dst")
+    report = copy_steps(src, dst)
+    assert report.steps == [1] and report.tags == [] and report.tags_skipped == ["old"]
+    assert dst.tags() == {}
+
+
+def test_recopying_the_same_steps_is_a_no_op_success(store_url: str, tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    fill(src)
+    dst = ckptstore.open(store_url, chunking=SMALL)
+    copy_steps(src, dst)
+    refs = {step: dst.ref(step) for step in dst.steps()}
+    listed = sorted(info.key for info in dst.backend.list(""))
+
+    again = copy_steps(src, dst)
+    assert again.steps == [] and again.already_there == [100, 200, 300]
+    assert again.chunks_copied == again.bytes_copied == 0
+    assert {step: dst.ref(step) for step in dst.steps()} == refs  # not re-committed
+    assert sorted(info.key for info in dst.backend.list("")) == listed  # nothing written at all
+
+
+def test_recopying_into_a_destination_that_rewrote_the_manifest_is_a_no_op(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(4096)}
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL, compression=Compression("zstd"))
+    src.save(1, state)
+    dst = ckptstore.open(str(tmp_path / "dst"), chunking=SMALL)
+    dst.save(9, state)  # the same chunks, stored uncompressed: the copy re-encodes the manifest
+    assert copy_steps(src, dst).manifests_rewritten == 1
+    again = copy_steps(src, dst)
+    assert again.steps == [] and again.already_there == [1]
+
+
+def test_a_step_with_another_manifest_still_raises_step_exists(tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    src.save(1, {"x": torch.ones(3)})
+    dst = ckptstore.open(f"memory://{tmp_path.name}-dst")
+    dst.save(1, {"x": torch.ones(3)})  # same state, saved separately: another manifest (its time)
+    with pytest.raises(ckptstore.StepExistsError):
+        copy_steps(src, dst)
+    assert copy_steps(src, dst, skip_existing=True).skipped == [1]
+
+
+def test_an_interrupted_copy_completes_when_run_again(tmp_path: Path) -> None:
+    from ckptstore.errors import BackendError
+    from ckptstore.testing.faults import Fault, FaultInjectingBackend
+    from ckptstore.url import open_backend
+
+    src = ckptstore.open(str(tmp_path / "src"), chunking=SMALL)
+    states = fill(src)
+    tag_steps(src)
+    dst_url = f"memory://{tmp_path.name}-dst"
+    # The connection drops at the second step's commit: its chunks and manifest are there, its ref is not.
+    cut = Fault("put", key=r"^refs/steps/", skip=1, error=BackendError("connection lost"))
+    interrupted = Store(FaultInjectingBackend(open_backend(dst_url), [cut]))
+    with pytest.raises(BackendError, match="connection lost"):
+        copy_steps(src, interrupted)
+    dst = ckptstore.open(dst_url)
+    assert dst.steps() == [100] and dst.tags() == {}
+
+    report = copy_steps(src, dst)
+    assert report.already_there == [100] and report.steps == [200, 300]
+    assert report.tags == ["best", "first"]
+    assert verify(dst, deep=True).ok
+    for step, state in states.items():
+        assert_same(state, dst.load(step))
+    assert dst.tags() == {"best": 200, "first": 100}
+
+
+def test_a_source_with_no_store_raises_and_nothing_is_created(tmp_path: Path) -> None:
+    missing, dst_dir = tmp_path / "typo", tmp_path / "dst"
+    with pytest.raises(ckptstore.StoreNotFoundError, match="typo"):
+        copy_steps(ckptstore.open(str(missing)), ckptstore.open(str(dst_dir)))
+    assert not missing.exists() and not dst_dir.exists()
+
+
+def test_cp_reads_a_source_with_read_only_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptstore.testing import servers
+
+    try:
+        server = servers.start_seaweedfs(tmp_path / "weed", read_only_identity=True)
+    except FileNotFoundError as exc:  # no weed binary here
+        pytest.skip(str(exc))
+    try:
+        for var in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+            monkeypatch.delenv(var, raising=False)
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        url = f"s3://{server.new_bucket()}/store"
+        with ckptstore.open(url, chunking=SMALL) as writable:
+            states = fill(writable)
+            tag_steps(writable)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.SEAWEEDFS_READ_ACCESS_KEY)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.SEAWEEDFS_READ_SECRET_KEY)
+        with ckptstore.open(url) as src:
+            dst = ckptstore.open(str(tmp_path / "dst"))
+            report = copy_steps(src, dst)
+        assert report.steps == [100, 200, 300] and report.tags == ["best", "first"]
+        assert verify(dst, deep=True).ok
+        assert_same(states[300], dst.load(300))
+    finally:
+        server.stop()
+
+
+def test_overwrite_with_skip_existing_is_an_invalid_argument(tmp_path: Path) -> None:
+    src = ckptstore.open(str(tmp_path / "src"))
+    src.save(1, {"x": torch.ones(1)})
+    with pytest.raises(ckptstore.InvalidArgumentError, match="exclude each other"):
+        copy_steps(src, ckptstore.open(str(tmp_path / "dst")), overwrite=True, skip_existing=True)
+    assert not (tmp_path / "dst").exists()
