@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ckptstore.errors import FormatError, UnsupportedFormatError
+from ckptstore.errors import FormatError, InvalidArgumentError, UnsupportedFormatError
 
 MAGIC = b"CKCB"
 VERSION = 1
@@ -66,12 +66,16 @@ class Compression:
     min_ratio: float = 1.1
 
     def __post_init__(self) -> None:
+        # InvalidArgumentError is also a ValueError: `except ValueError` callers keep working.
         if self.codec not in ("none", "zstd"):
-            raise ValueError(f"unknown codec {self.codec!r}; use 'none' or 'zstd'")
-        if not -7 <= self.level <= 22:
-            raise ValueError(f"zstd level must be in [-7, 22], got {self.level}")
-        if not self.min_ratio >= 1.0:
-            raise ValueError(f"min_ratio must be >= 1.0, got {self.min_ratio}")
+            raise InvalidArgumentError(f"unknown codec {self.codec!r}; use 'none' or 'zstd'")
+        if isinstance(self.level, bool) or not isinstance(self.level, int) or not -7 <= self.level <= 22:
+            raise InvalidArgumentError(f"zstd level must be an int in [-7, 22], got {self.level!r}")
+        if not isinstance(self.shuffle, bool):
+            raise InvalidArgumentError(f"shuffle must be True or False, got {self.shuffle!r}")
+        if isinstance(self.min_ratio, bool) or not isinstance(self.min_ratio, (int, float)) \
+                or not self.min_ratio >= 1.0:
+            raise InvalidArgumentError(f"min_ratio must be a number >= 1.0, got {self.min_ratio!r}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ckptstore.errors import InvalidArgumentError
+
 MiB = 1 << 20
 
 
@@ -23,10 +25,15 @@ class ChunkingPolicy:
     pack_size: int = 4 * MiB
 
     def __post_init__(self) -> None:
+        # InvalidArgumentError is also a ValueError: `except ValueError` callers keep working.
+        for name in ("chunk_size", "small_tensor_limit", "pack_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"ChunkingPolicy {name} must be an int, got {value!r}")
         if self.chunk_size < 1 or self.pack_size < 1 or self.small_tensor_limit < 0:
-            raise ValueError(f"chunk sizes must be positive: {self}")
+            raise InvalidArgumentError(f"chunk sizes must be positive: {self}")
         if self.small_tensor_limit > self.pack_size:
-            raise ValueError("small_tensor_limit must not exceed pack_size")
+            raise InvalidArgumentError("small_tensor_limit must not exceed pack_size")
 
 
 @dataclass

@@ -145,7 +145,7 @@ def async_save(state_dict: dict[str, Any], store: Store | None = None, step: int
 
     if storage_writer is None:
         if store is None or step is None:
-            raise TypeError("async_save needs store and step, or storage_writer")
+            raise errors.InvalidArgumentError("async_save needs store and step, or storage_writer")
         storage_writer = StoreWriter(store, step, overwrite=overwrite)
     checkpoint_id = kwargs.pop("checkpoint_id", None)
     storage_writer.reset(checkpoint_id)  # here, not in a PROCESS-mode child: its leases carry our token
@@ -194,8 +194,8 @@ def _forms(reader: bool) -> str:
 def parse_checkpoint_id(checkpoint_id: Any, *, reader: bool = False) -> int | str | None:
     """The step a DCP `checkpoint_id` names (docs/DCP.md): an int, or a str or path whose last
     component is `N`, `step-N` or `step_N`. With `reader=True` also `latest` (returns None)
-    or a tag name without a path separator (returns the name). ValueError for anything else,
-    listing the accepted forms."""
+    or a tag name without a path separator (returns the name). InvalidArgumentError (also a
+    ValueError) for anything else, listing the accepted forms."""
     if isinstance(checkpoint_id, int) and not isinstance(checkpoint_id, bool):
         if 0 <= checkpoint_id <= keys.MAX_STEP:
             return checkpoint_id
@@ -213,7 +213,7 @@ def parse_checkpoint_id(checkpoint_id: Any, *, reader: bool = False) -> int | st
                     keys.tag_ref_key(text)
                     return text
     what = "StoreReader" if reader else "StoreWriter"
-    raise ValueError(f"{what}: checkpoint_id {checkpoint_id!r} names no step; use {_forms(reader)}")
+    raise errors.InvalidArgumentError(f"{what}: checkpoint_id {checkpoint_id!r} names no step; use {_forms(reader)}")
 
 
 # -- Metadata <-> plain msgpack data ---------------------------------------------------------
@@ -457,8 +457,8 @@ class StoreWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.step is None:
-            raise ValueError("StoreWriter has no step: pass StoreWriter(store, step), or checkpoint_id to "
-                             f"dcp.save; {_forms(False)}")
+            raise errors.InvalidArgumentError("StoreWriter has no step: pass StoreWriter(store, step), or "
+                                              f"checkpoint_id to dcp.save; {_forms(False)}")
         self.is_coordinator = is_coordinator
         self.rank = int(kwargs.get("rank", 0))
 

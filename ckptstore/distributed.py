@@ -63,6 +63,7 @@ from ckptstore.errors import (
     CkptStoreError,
     DistributedSaveError,
     IntegrityError,
+    InvalidArgumentError,
     StateConflictError,
 )
 from ckptstore.gclock import settle_with_gc
@@ -97,10 +98,14 @@ def resolve_group(process_group: Any) -> Any:
         if dist is None or not dist.is_available() or not dist.is_initialized():
             return None
         process_group = dist.group.WORLD
-    elif dist is None:
-        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {process_group!r}")
-    if dist.get_rank(process_group) < 0:
-        raise ValueError("this process is not a member of the process_group passed to save")
+    elif dist is None or not isinstance(process_group, getattr(dist, "ProcessGroup", ())):
+        raise InvalidArgumentError(f"process_group must be a torch.distributed ProcessGroup, got {process_group!r}")
+    try:
+        rank = dist.get_rank(process_group)
+    except (RuntimeError, ValueError) as exc:  # e.g. no default group initialised
+        raise InvalidArgumentError(f"process_group {process_group!r} cannot be used: {exc}") from exc
+    if rank < 0:
+        raise InvalidArgumentError("this process is not a member of the process_group passed to save")
     return process_group if dist.get_world_size(process_group) > 1 else None
 
 
@@ -384,7 +389,7 @@ def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, 
         raise error
     steps = {i["step"] for i in intros}
     if len(steps) > 1:
-        raise ValueError(f"the ranks passed different steps to save: {[i['step'] for i in intros]}")
+        raise InvalidArgumentError(f"the ranks passed different steps to save: {[i['step'] for i in intros]}")
     merged = merge_states([decode_tree(i["tree"]) for i in intros], [i["tensors"] for i in intros])
 
     # Every rank: epoch first, then the lease, then any chunk check (as Store.save); the lease

@@ -81,6 +81,13 @@ def _report(tmp: str, name: str, rank: int, data: dict[str, Any]) -> None:
     Path(tmp, f"{name}-{rank}.json").write_text(json.dumps(data))
 
 
+def _finish(tmp: str, name: str, rank: int, data: dict[str, Any]) -> None:
+    """A worker's last words: its report, then leave the group and the process."""
+    _report(tmp, name, rank, data)
+    dist.destroy_process_group()
+    _done()
+
+
 def _reports(tmp: str, name: str, ranks: range | list[int]) -> list[dict[str, Any]]:
     return [json.loads(Path(tmp, f"{name}-{rank}.json").read_text()) for rank in ranks]
 
@@ -240,9 +247,7 @@ def _conflict_worker(rank: int, world: int, tmp: str, url: str) -> None:
         results["single"] = store.save(7, {"only": torch.ones(2)}, process_group=SINGLE_PROCESS).step
     dist.barrier()
     results["steps_after"] = store.steps()
-    _report(tmp, "conflict", rank, results)
-    dist.destroy_process_group()
-    _done()
+    _finish(tmp, "conflict", rank, results)
 
 
 @pytest.mark.slow
@@ -258,7 +263,7 @@ def test_conflicting_states_raise_the_same_typed_error_on_every_rank(tmp_path: P
             assert r[name] == reports[0][name]
     assert "tensors of different contents" in reports[0]["tensor"]["message"]
     for r in reports:
-        assert r["steps"]["type"] == "ValueError" and "different steps" in r["steps"]["message"]
+        assert r["steps"]["type"] == "InvalidArgumentError" and "different steps" in r["steps"]["message"]
         assert r["metadata"]["type"] == "UnsupportedValueError" and r["metadata"]["path"] == "metadata"
         assert r["steps_after"] == [7]  # no conflicting save committed anything
     assert reports[0]["single"] == 7
@@ -333,9 +338,7 @@ def _next_run_worker(rank: int, world: int, tmp: str, url: str) -> None:
     _init(rank, world, tmp, "next")
     store = _open(url)
     info = store.save(1, _rank_state(rank, 1))
-    _report(tmp, "next", rank, {"seq": info.seq, "loaded": _plain(store.load(1))})
-    dist.destroy_process_group()
-    _done()
+    _finish(tmp, "next", rank, {"seq": info.seq, "loaded": _plain(store.load(1))})
 
 
 @pytest.mark.slow
@@ -449,9 +452,7 @@ def _retention_worker(rank: int, world: int, tmp: str, url: str) -> None:
     except Exception as exc:
         result = {"raised": _error(exc)}
     result["steps"] = store.steps()
-    _report(tmp, "retention", rank, result)
-    dist.destroy_process_group()
-    _done()
+    _finish(tmp, "retention", rank, result)
 
 
 @pytest.mark.slow
@@ -466,3 +467,4 @@ def test_a_failed_retention_delete_is_reported_the_same_on_every_rank(tmp_path: 
         assert r["step"] == 2 and r["deleted"] == [] and r["steps"] == [1, 2]
         assert len(r["errors"]) == 1 and "step 1" in r["errors"][0] and "AccessDenied" in r["errors"][0]
     assert reports[0] == reports[1]
+
