@@ -17,7 +17,9 @@ The protocol (group rank 0 coordinates; every collective carries either data or 
 so every rank leaves each phase together):
 1. all-gather: each rank's step and state skeleton (the tree with tensors replaced by
    numbered references) and tensor descriptions. Every rank merges them the same way, so a
-   conflict raises the same error everywhere before anything is written.
+   conflict raises the same error everywhere before anything is written. Rank 0 first reads
+   the step's ref: without `overwrite`, a committed step is a StepExistsError on every rank
+   here, before any chunk is written.
 2. each rank, under its own save lease taken after reading the gc epoch (as Store.save):
    writes the chunks of the leaves it owns, re-uploads any a concurrent gc swept
    (`settle_chunks`), and hashes its replicated tensors; gather to rank 0.
@@ -371,6 +373,10 @@ def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, 
     intro: dict[str, Any] = {"step": step}
     try:
         check_arguments()
+        if ranks.rank == 0:
+            # Refused before any rank writes a chunk (as Store.save): `overwrite` is rank 0's, and
+            # its StepExistsError reaches every rank through the exchange of trees below.
+            store.refuse_committed(step, overwrite)
 
         def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
             if not is_tensor(value):

@@ -468,3 +468,48 @@ def test_a_failed_retention_delete_is_reported_the_same_on_every_rank(tmp_path: 
         assert len(r["errors"]) == 1 and "step 1" in r["errors"][0] and "AccessDenied" in r["errors"][0]
     assert reports[0] == reports[1]
 
+
+# -- a committed step is refused before any chunk is written --------------------------------------
+class ChunkPutCounter(ForwardingBackend):
+    """Counts this rank's puts under chunks/."""
+
+    def __init__(self, inner: Any):
+        super().__init__(inner)
+        self.chunk_puts = 0
+
+    def put(self, key: str, data: Buffer | Any, *, mode: PutMode = OVERWRITE) -> str:
+        if key.startswith(keys.CHUNKS):
+            self.chunk_puts += 1
+        return super().put(key, data, mode=mode)
+
+
+def _refused_worker(rank: int, world: int, tmp: str, url: str) -> None:
+    _init(rank, world, tmp, "refused")
+    store = _open(url, ChunkPutCounter)
+    counter = store.backend
+    assert isinstance(counter, ChunkPutCounter)
+    store.save(0, _rank_state(rank, 0))
+    counter.chunk_puts = 0
+    raised = None
+    try:  # new tensor values: a save that got as far as writing chunks would put some
+        store.save(0, _rank_state(rank, 1))
+    except StepExistsError as exc:
+        raised = _error(exc)
+    refused_puts = counter.chunk_puts
+    replaced = store.save(0, _rank_state(rank, 1), overwrite=True)
+    _finish(tmp, "refused", rank, {"raised": raised, "refused_puts": refused_puts,
+                                   "overwrite_puts": counter.chunk_puts, "seq": replaced.seq})
+
+
+@pytest.mark.slow
+def test_an_existing_step_is_refused_on_every_rank_before_any_chunk_is_put(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    assert _spawn(_refused_worker, 2, str(tmp_path), url) == [0, 0]
+    reports = _reports(str(tmp_path), "refused", range(2))
+    for r in reports:
+        assert r["raised"] is not None and r["raised"]["type"] == "StepExistsError" and r["raised"]["step"] == 0
+        assert r["refused_puts"] == 0, r  # no rank wrote a chunk for the refused save
+        assert r["seq"] == 2  # overwrite=True still replaces the step
+    assert sum(r["overwrite_puts"] for r in reports) > 0  # the overwrite did write the new values
+    store = ckptstore.open(url, create=False)
+    assert torch.equal(store.load(0)["model"]["layer1.weight"], _rank_state(1, 1)["model"]["layer1.weight"])
