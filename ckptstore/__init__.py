@@ -43,6 +43,7 @@ from ckptstore.errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
+from ckptstore.stepreader import ReaderClosedError, StepReader, TensorInfo, TensorNotFoundError, TensorSlice
 from ckptstore.store import SaveInfo, StepInfo, Store, open
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PermissionDeniedError",
     "PreconditionFailedError",
+    "ReaderClosedError",
     "SaveInfo",
     "StateConflictError",
     "InsufficientMemoryError",
@@ -77,10 +79,14 @@ __all__ = [
     "StepExistsError",
     "StepInfo",
     "StepNotFoundError",
+    "StepReader",
     "Store",
     "StoreNotFoundError",
     "TagExistsError",
     "TagNotFoundError",
+    "TensorInfo",
+    "TensorNotFoundError",
+    "TensorSlice",
     "TransientError",
     "UnsupportedFormatError",
     "UnsupportedValueError",

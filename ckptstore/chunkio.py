@@ -12,6 +12,11 @@ slice is read straight into it, a compressed one is read into a per-thread buffe
 reused from chunk to chunk and decompressed straight into it (a shuffled one in 1 MiB
 blocks scattered into the byte planes). Only packs of small tensors go through a
 decompressed copy.
+
+Partial reads (`ChunkReader.read_ranges`, for a slice of a tensor) fetch only the byte ranges
+they need from an uncompressed chunk: its header once, then each range at header size +
+offset. Those bytes are not hash-checked (the hash covers the whole chunk). A compressed
+chunk is one zstd frame, so it is read and checked whole.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, TypeVar
 from ckptstore.backends.base import CREATE, Backend, Buffer, total_length
 from ckptstore.chunkblob import (
     BYTES,
+    CODEC_NONE,
     HEADER_SIZE,
     Compression,
     ElementType,
@@ -217,10 +223,22 @@ class ChunkReader:
         for _ in bounded_map(lambda job: self._read_one(job[0], job[1], context), jobs, self.threads):
             pass
 
-    def _read_one(self, chunk: ChunkEntry, landings: list[Landing], context: str) -> None:
+    def read_ranges(self, jobs: list[tuple[ChunkEntry, list[Landing]]], context: str) -> None:
+        """Like `read`, but a chunk stored uncompressed whose landings take fewer bytes than it
+        holds is fetched by byte range: its header, then each landing's bytes, which are not
+        hash-checked. Other chunks, and compressed ones (one zstd frame: always read whole),
+        are read and checked as `read` does."""
+        for _ in bounded_map(lambda job: self._read_one(job[0], job[1], context, ranged=True), jobs, self.threads):
+            pass
+
+    def _read_one(self, chunk: ChunkEntry, landings: list[Landing], context: str, ranged: bool = False) -> None:
         key = chunk_key(chunk.digest)
         label = landings[0].label if landings else "?"
         try:
+            # Ranges only when they fetch less than the chunk: else read it whole, and check it.
+            wanted = sum(landing.length for landing in landings)
+            if ranged and wanted < chunk.raw_size and self._read_ranges(key, chunk, landings):
+                return
             if not self._read_direct(key, chunk, landings):
                 self._read_buffered(key, chunk, landings)
         except ObjectNotFoundError as exc:
@@ -245,6 +263,21 @@ class ChunkReader:
         if got != HEADER_SIZE + chunk.raw_size:
             raise FormatError(f"chunk blob truncated: {got} of {HEADER_SIZE + chunk.raw_size} bytes")
         self._check(key, chunk, target)
+        return True
+
+    def _read_ranges(self, key: str, chunk: ChunkEntry, landings: list[Landing]) -> bool:
+        """Ranged path: an uncompressed chunk's header (checked once), then only the landings'
+        bytes, at header size + offset. False when the chunk is not stored uncompressed."""
+        if chunk.stored_size != HEADER_SIZE + chunk.raw_size:
+            return False  # compressed (a valid zstd blob is smaller): read and decode it whole
+        header = decode_header(self.backend.get_range(key, 0, HEADER_SIZE))
+        if header.codec != CODEC_NONE or header.raw_length != chunk.raw_size:
+            return False  # not what the sizes suggested: the general path reads and judges it
+        for landing in landings:
+            got = self.backend.read_into(key, HEADER_SIZE + landing.offset, [landing.target])
+            if got != landing.length:
+                raise FormatError(f"chunk blob truncated: {got} of the {landing.length} bytes at raw offset "
+                                  f"{landing.offset} are present")
         return True
 
     def _read_buffered(self, key: str, chunk: ChunkEntry, landings: list[Landing]) -> None:
