@@ -643,16 +643,6 @@ class StoreReader(StorageReader):
         self.trust_pickle = trust_pickle
         self.resolved: int | None = None
         self._items: dict[MetadataIndex, _StoredItem] = {}
-        self._hash = hasher(store.marker.hash_algorithm)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_hash"] = None  # the store reopens itself in the other process
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._hash = hasher(self.store.marker.hash_algorithm)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | int | None = None) -> None:
         """A new load begins; `checkpoint_id`, when given, names the step, `latest` or a tag
@@ -668,6 +658,9 @@ class StoreReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         store = self.store
+        # A read: at a URL with no store, StoreNotFoundError naming it, before the lease, and
+        # nothing is created (Store.marker would create the store).
+        store._require_store()
         with Lease(store.backend, "load", writer_identity(), ttl=store.lease_ttl, required=False):
             if self.step is None:
                 latest = store.latest()
@@ -758,7 +751,8 @@ class StoreReader(StorageReader):
                     job = jobs.setdefault(chunk.digest, (chunk, []))
                     job[1].append(Landing(offset, length, view[position:position + length], stored.label))
                 position += length
-        reader = ChunkReader(self.store.backend, self._hash, self.store.threads, verify=self.store.verify)
+        algorithm = self.store._require_store().hash_algorithm
+        reader = ChunkReader(self.store.backend, hasher(algorithm), self.store.threads, verify=self.store.verify)
         reader.read(list(jobs.values()), f"step {self.resolved}")
 
         for index, read_items in by_storage.items():

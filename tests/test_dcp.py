@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from test_reading import _objects, missing_store  # noqa: F401 - missing_store is a fixture
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -45,7 +47,7 @@ from ckptstore.dcp import (
     parse_checkpoint_id,
     unwrap,
 )
-from ckptstore.errors import FormatError, IntegrityError, StepExistsError, UnsupportedValueError
+from ckptstore.errors import FormatError, IntegrityError, StepExistsError, StoreNotFoundError, UnsupportedValueError
 
 # Small chunks, so shards span several chunks and a reader fetches only part of a stored item.
 SMALL = ckptstore.ChunkingPolicy(chunk_size=48, small_tensor_limit=16, pack_size=64)
@@ -339,6 +341,28 @@ def test_store_writer_and_reader_pickle_and_reopen_in_the_copy(tmp_path: Path) -
     _, (url, options) = store.__reduce__()
     assert url == store.url and options["storage_options"] == {"secret": "k3y"} and options["retries"] == 2
     assert b"k3y" in pickle.dumps(store)
+
+
+@pytest.mark.parametrize("how", ["ckptstore.dcp.load", "StoreReader", "StoreReader pickled"])
+def test_a_dcp_load_at_a_url_with_no_store_raises_and_creates_nothing(missing_store: tuple[str, str],  # noqa: F811
+                                                                       how: str) -> None:
+    url, container = missing_store
+    target = {"w": torch.zeros(5)}
+    with ckptstore.open(url) as store:
+        not_found = re.escape(f"no ckptstore store at {store.url} ")
+        if how == "ckptstore.dcp.load":
+            with pytest.raises(StoreNotFoundError, match=not_found):
+                ckptstore.dcp.load(target, store)
+        else:
+            reader = StoreReader(store, 3)
+            if how == "StoreReader pickled":
+                reader = pickle.loads(pickle.dumps(reader))
+            # DCP turns the reader's error into an AssertionError's text inside its exception.
+            with pytest.raises(CheckpointException, match=not_found):
+                dcp.load(target, storage_reader=reader)
+    assert _objects(container) == []
+    if "://" not in url:
+        assert not Path(url).exists()
 
 
 def _live_leases(store: ckptstore.Store) -> list[Any]:
