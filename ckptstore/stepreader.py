@@ -7,7 +7,8 @@
         rows = r.get_slice("model.embed.weight")[1000:2000]  # only those rows' bytes
 
 Opening reads the ref and the manifest, nothing else, and holds a load lease until `close()`
-(or the end of the `with` block), so a gc in another process stands down meanwhile.
+(or the end of the `with` block, or the reader's collection), so a gc in another process
+stands down meanwhile.
 
 - Names are the ones `export_safetensors` gives: the tree path joined with "." (``state``
   for a tensor at the root), ``#2``, ``#3``, ... appended when two paths join to one name. A
@@ -26,6 +27,7 @@ Opening reads the ref and the manifest, nothing else, and holds a load lease unt
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +89,10 @@ class StepReader:
     def __init__(self, store: StoreKernel, step: int | str | None = None):
         store._require_store()  # before the lease: a URL with no store gets nothing written
         self._store = store
-        self._lease: Lease | None = Lease(store.backend, "load", writer_identity(), ttl=store.lease_ttl,
-                                          required=False).__enter__()
+        lease = Lease(store.backend, "load", writer_identity(), ttl=store.lease_ttl, required=False).__enter__()
+        # Released by close(), or when the reader is collected unclosed: a forgotten reader
+        # must not hold gc off for the rest of the process.
+        self._release = weakref.finalize(self, lease.__exit__, None, None, None)
         try:
             resolved = store._resolve(step)
             info = store.info(resolved)
@@ -126,16 +130,14 @@ class StepReader:
 
     def close(self) -> None:
         """Release the load lease (a gc may then sweep what only this step held). Idempotent."""
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.__exit__(None, None, None)
+        self._release()
 
     @property
     def closed(self) -> bool:
-        return self._lease is None
+        return not self._release.alive
 
     def _open(self) -> None:
-        if self._lease is None:
+        if self.closed:
             raise ReaderClosedError(f"the reader of {self._context} in {self._store.url} is closed")
 
     def __repr__(self) -> str:

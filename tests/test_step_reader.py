@@ -7,6 +7,7 @@ uncompressed tensor fetches the rows' bytes plus one header per chunk touched.
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -277,6 +278,16 @@ def test_gc_during_an_open_reader_stands_down_and_its_chunks_stay(store_url: str
         assert _same(r.get_slice("model.embed.weight")[3:9], state["model"]["embed.weight"][3:9])
     assert _load_leases(store) == []  # the lease went with the reader
     assert store.gc(min_age=0).deleted_chunks > 0
+
+
+def test_a_reader_collected_unclosed_releases_its_lease(space: str) -> None:
+    store = ckptstore.open(f"memory://{space}", chunking=SMALL)
+    store.save(1, {"w": torch.ones(2)})
+    r = store.reader(1)
+    assert len(_load_leases(store)) == 1
+    del r
+    gc.collect()
+    assert _load_leases(store) == []
 
 
 def test_a_url_without_a_store_raises_and_creates_nothing(store_url: str) -> None:
