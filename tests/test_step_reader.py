@@ -28,6 +28,7 @@ from ckptstore.errors import (
     CkptStoreError,
     IntegrityError,
     InvalidArgumentError,
+    InvalidStepError,
     StepNotFoundError,
     StoreNotFoundError,
 )
@@ -308,6 +309,9 @@ def test_a_missing_step_raises_and_leaves_no_lease(store_url: str) -> None:
         store.reader(7)
     with pytest.raises(StepNotFoundError, match="tag 'nope' not found"):
         store.reader("nope")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidStepError, match="a step is an int"):
+            store.reader(bad)  # type: ignore[arg-type]
     assert _load_leases(store) == []
 
 
