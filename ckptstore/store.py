@@ -100,6 +100,16 @@ class Store(StoreKernel):
         return saver_for(self).submit(step, state, overwrite=overwrite, metadata=metadata, keep_last=keep_last,
                                       keep_every=keep_every, process_group=process_group)
 
+    # -- reading -------------------------------------------------------------------------
+    def reader(self, step: int | str | None = None) -> Any:
+        """A lazy view of one committed step, like safetensors' `safe_open`: `with
+        store.reader(step) as r:` gives `r.keys()`, `r.metadata`, `r.tree` (the non-tensor
+        values, no tensor bytes read), `r[name]` (one tensor) and `r.get_slice(name)[a:b]`
+        (only the byte ranges needed). See ckptstore/stepreader.py."""
+        from ckptstore.stepreader import StepReader
+
+        return StepReader(self, step)
+
     # -- gc --------------------------------------------------------------------------------
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GCReport:
         """Free chunks and manifests that no ref reaches and that are older than `min_age`
