@@ -22,10 +22,19 @@ An update-if-version put above the limit is refused with ValueError rather than 
 sent as an upload whose condition might not be enforced.
 
 Retries: the library retries idempotent requests itself, and in 3.x it also retries uploads
-(`DEFAULT_RETRY`, passed explicitly below). A conditional upload that timed out or was
+(`DEFAULT_RETRY`'s predicate, passed explicitly below), here at most `max_attempts` tries per
+call (default 5, as boto3 here) with backoff from 0.25 s. A conditional upload that timed out or was
 retried may have landed before the retry saw 412: the outcome is ambiguous. The backend
 reports what it saw (AlreadyExistsError / PreconditionFailedError); `ckptstore.commit`
 resolves the ambiguity by re-reading the ref and comparing commit ids.
+
+Time limits (storage options): every operation must end within `deadline` seconds (default
+60), the library's retries and ckptstore's included (`ckptstore.deadline`): the library's
+retry gets what is left of it as its timeout, and each request waits at most
+`connect_timeout` (10 s) to connect and `read_timeout` (60 s; the older name `timeout` is
+kept) for data, both cut to what is left. Before, a dead endpoint took 114 s (refused) to
+124 s (never answering): the library's own retry ran for 120 s per call. A failure to reach
+the endpoint, or its silence until the deadline, is a TransientError naming the endpoint.
 
 Credentials: application default credentials; with STORAGE_EMULATOR_HOST set, the library
 talks to that emulator anonymously. google-cloud-storage is imported when a backend is
@@ -36,17 +45,30 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.backends.parts import PartsReader
+from ckptstore.deadline import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DEADLINE,
+    capped,
+    check_seconds,
+    deadline_at,
+    endpoint_name,
+    out_of_time,
+    seconds_left,
+)
 from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
+    InvalidArgumentError,
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
@@ -67,6 +89,9 @@ _GENERATION = re.compile(r"[1-9][0-9]{0,19}")
 # permission error message: never the server's free text, never anything from the request.
 _REASON = re.compile(r"[A-Za-z][A-Za-z ]{0,40}")
 _MESSAGE_LIMIT = 300
+# The library's retry of one call: first delay, and its cap (it doubles in between).
+_RETRY_INITIAL_DELAY = 0.25
+_RETRY_MAX_DELAY = 8.0
 
 
 # -- error translation -------------------------------------------------------------------------
@@ -103,13 +128,16 @@ def translate_error(
     mode: PutMode | None = None,
     bucket: str = "",
     bucket_missing: bool | None = None,
+    endpoint: str = "GCS",
+    deadline: float = DEFAULT_DEADLINE,
 ) -> BackendError | None:
     """The typed ckptstore error for a google-cloud-storage / transport failure, or None.
 
     None means `exc` is not a storage failure (a bug, a KeyboardInterrupt, our own ValueError)
     and must propagate unchanged. `bucket_missing` tells a 404 whose text does not say what
     is missing (fake-gcs-server's bare "Not Found") whether the bucket exists; when it is None
-    the text decides and an undecided 404 is about the object.
+    the text decides and an undecided 404 is about the object. Failures to reach the server
+    name `endpoint` (scheme, host and port).
     """
     import http.client
 
@@ -123,8 +151,8 @@ def translate_error(
     where_text = f"gs://{bucket}" if bucket else "the bucket"
 
     if isinstance(exc, gexc.RetryError):
-        # The library's retry gave up on a retryable failure (its deadline passed).
-        return TransientError(f"GCS retries exhausted: {_short(exc)}", **where)
+        # The library's retry gave up on a retryable failure: its timeout, our deadline, passed.
+        return out_of_time(endpoint, deadline, key=key, operation=operation, last=exc.cause)
 
     if isinstance(exc, gexc.GoogleAPICallError):
         code = exc.code or 0
@@ -190,7 +218,7 @@ def translate_error(
         TimeoutError,
     )
     if isinstance(exc, transient):
-        return TransientError(f"connection to GCS failed: {type(exc).__name__}: {_short(exc)}", **where)
+        return TransientError(f"connection to GCS at {endpoint} failed: {type(exc).__name__}: {_short(exc)}", **where)
     if isinstance(exc, requests.RequestException):
         return BackendError(f"request to GCS failed: {type(exc).__name__}: {_short(exc)}", **where)
     return None
@@ -270,12 +298,22 @@ class GCSBackend(Backend):
         project: str | None = None,
         client: Any = None,
         threads: int = 4,
-        timeout: float = 60.0,
+        read_timeout: float = 60.0,
+        timeout: float | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        deadline: float = DEFAULT_DEADLINE,
+        max_attempts: int = 5,
     ):
         if not bucket or "/" in bucket or bucket != bucket.strip():
             raise ValueError(f"invalid GCS bucket name {bucket!r}")
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
+        read_timeout = read_timeout if timeout is None else timeout
+        for name, value in (("read_timeout", read_timeout), ("connect_timeout", connect_timeout),
+                            ("deadline", deadline)):
+            check_seconds(name, value)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise InvalidArgumentError(f"max_attempts must be a positive int, got {max_attempts!r}")
         prefix = prefix.strip("/")
         if prefix:
             validate_key(prefix)
@@ -283,7 +321,11 @@ class GCSBackend(Backend):
         self.prefix = prefix
         self.url = f"gs://{bucket}/{prefix}" if prefix else f"gs://{bucket}"
         self._root = f"{prefix}/" if prefix else ""
-        self._timeout = timeout
+        self._timeout = float(read_timeout)
+        self._connect_timeout = float(connect_timeout)
+        #: Seconds an operation may take, retries included (RetryingBackend uses the same).
+        self.deadline = float(deadline)
+        self.max_attempts = max_attempts
         self._owns_client = client is None
 
         from google.cloud import storage
@@ -293,11 +335,13 @@ class GCSBackend(Backend):
         # Conditional puts must stay single-request: never trust a limit above the library's.
         self._simple_limit = min(SIMPLE_UPLOAD_LIMIT, getattr(blob_module, "_MAX_MULTIPART_SIZE", 0))
 
-        # Every request names this policy explicitly (see the module docstring on retries).
-        self._retry = DEFAULT_RETRY
+        # Every request names this policy explicitly, bounded per call by `_call_retry`
+        # (see the module docstring on retries).
+        self._retry: Any = DEFAULT_RETRY.with_delay(initial=_RETRY_INITIAL_DELAY, maximum=_RETRY_MAX_DELAY)
         if client is None:
             client = self._make_client(storage, project, threads)
         self._client = client
+        self.endpoint = endpoint_name(str(getattr(client, "api_endpoint", "") or ""))
         self._bucket = client.bucket(bucket)
         # Set once any request proves the bucket exists: fake-gcs-server's 404s do not say
         # whether the bucket or the object is missing, so an undecided 404 before that asks once.
@@ -330,21 +374,37 @@ class GCSBackend(Backend):
     # -- errors --------------------------------------------------------------------------
     @contextlib.contextmanager
     def _errors(self, key: str | None, operation: str, mode: PutMode | None = None) -> Iterator[None]:
-        """Translate failures of the block to typed errors (see `translate_error`)."""
-        try:
-            yield
-        except Exception as exc:
-            bucket_missing = None
-            if _is_not_found(exc) and _not_found_says(exc) is None:
-                bucket_missing = not self._bucket_exists()
-            error = translate_error(
-                exc, key=key, operation=operation, mode=mode, bucket=self.bucket, bucket_missing=bucket_missing
-            )
-            if error is None:
-                raise
-            raise error from exc
-        else:
-            self._bucket_known = True
+        """The block of one operation: its deadline starts (`_timeouts` and `_call_retry` read
+        what is left of it), and failures become typed errors (see `translate_error`)."""
+        with deadline_at(time.monotonic() + self.deadline):
+            try:
+                yield
+            except Exception as exc:
+                bucket_missing = None
+                if _is_not_found(exc) and _not_found_says(exc) is None:
+                    bucket_missing = not self._bucket_exists()
+                error = translate_error(
+                    exc, key=key, operation=operation, mode=mode, bucket=self.bucket, bucket_missing=bucket_missing,
+                    endpoint=self.endpoint, deadline=self.deadline,
+                )
+                if error is None:
+                    raise
+                raise error from exc
+            else:
+                self._bucket_known = True
+
+    def _timeouts(self) -> tuple[float, float]:
+        """(connect, read) timeouts of a request now: the configured ones, cut to the deadline."""
+        return capped(self._connect_timeout), capped(self._timeout)
+
+    def _call_retry(self) -> Any:
+        """The library's retry for one call: at most `max_attempts` tries, none started after
+        the deadline (None when retries are off)."""
+        if self._retry is None:
+            return None
+        left = seconds_left()
+        retry = self._retry.with_timeout(self.deadline if left is None else max(0.001, left))
+        return retry.with_predicate(_first_tries(retry._predicate, self.max_attempts))
 
     def _bucket_exists(self) -> bool:
         """Whether the bucket exists; asked only after a 404, until some request proves it exists."""
@@ -354,7 +414,7 @@ class GCSBackend(Backend):
             if self._bucket_known:
                 return True
             try:
-                exists = bool(self._bucket.exists(timeout=self._timeout, retry=self._retry))
+                exists = bool(self._bucket.exists(timeout=self._timeouts(), retry=self._call_retry()))
             except Exception:
                 # Credentials limited to objects may not read bucket metadata (403): assume
                 # the bucket is there and let the 404 stand as "no such object".
@@ -366,7 +426,8 @@ class GCSBackend(Backend):
     def get(self, key: str) -> GetResult:
         blob = self._blob(key)
         with self._errors(key, "get"):
-            data = blob.download_as_bytes(raw_download=True, checksum="auto", timeout=self._timeout, retry=self._retry)
+            data = blob.download_as_bytes(raw_download=True, checksum="auto", timeout=self._timeouts(),
+                                          retry=self._call_retry())
         # The generation comes from the X-Goog-Generation header of the download response
         # (stored into the Blob by the library), so it is the generation of exactly these
         # bytes; a retried download pins that generation (the library adds ?generation=).
@@ -389,8 +450,8 @@ class GCSBackend(Backend):
                         end=start + length - 1,  # inclusive
                         raw_download=True,
                         checksum=None,  # GCS has no checksum of a range
-                        timeout=self._timeout,
-                        retry=self._retry,
+                        timeout=self._timeouts(),
+                        retry=self._call_retry(),
                     )
                 )
             except RequestRangeNotSatisfiable:
@@ -415,8 +476,8 @@ class GCSBackend(Backend):
                     end=start + writer.capacity - 1,
                     raw_download=True,
                     checksum=None,
-                    timeout=self._timeout,
-                    retry=self._retry,
+                    timeout=self._timeouts(),
+                    retry=self._call_retry(),
                 )
             except RequestRangeNotSatisfiable:
                 return 0
@@ -425,7 +486,7 @@ class GCSBackend(Backend):
     def head(self, key: str) -> ObjectInfo:
         blob = self._blob(key)
         with self._errors(key, "head"):
-            blob.reload(timeout=self._timeout, retry=self._retry)
+            blob.reload(timeout=self._timeouts(), retry=self._call_retry())
         return self._info(key, blob)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -434,8 +495,10 @@ class GCSBackend(Backend):
             prefix=self._root + prefix,
             page_size=self.list_page_size,
             fields=_LIST_FIELDS,
-            timeout=self._timeout,
-            retry=self._retry,
+            # Fixed for every page, each of which has the whole `deadline` (a long listing is
+            # not one wait): no request of a page waits, and no retry of it starts, past it.
+            timeout=(min(self._connect_timeout, self.deadline), min(self._timeout, self.deadline)),
+            retry=self._call_retry(),
         )
         pages = iter(iterator.pages)
         while True:
@@ -484,10 +547,10 @@ class GCSBackend(Backend):
                 content_type=_CONTENT_TYPE,
                 if_generation_match=condition,
                 checksum="auto",
-                timeout=self._timeout,
+                timeout=self._timeouts(),
                 # Retried even when conditional: a retry after a lost response may see 412 for
                 # our own write. The caller resolves that (module docstring).
-                retry=self._retry,
+                retry=self._call_retry(),
             )
         return self._generation_of(blob, key, operation)
 
@@ -509,7 +572,7 @@ class GCSBackend(Backend):
                 # The library retries the delete; a retry after a lost response finds the
                 # object gone (404, below) or, if it was re-created meanwhile, at another
                 # generation (412): the new object is never touched.
-                blob.delete(if_generation_match=condition, timeout=self._timeout, retry=self._retry)
+                blob.delete(if_generation_match=condition, timeout=self._timeouts(), retry=self._call_retry())
         except ObjectNotFoundError:
             return  # missing (or deleted by our own first attempt before a retry)
         except PreconditionFailedError:
@@ -536,6 +599,12 @@ class GCSBackend(Backend):
             self._generation_of(blob, key, "head"),
             updated.timestamp() if updated is not None else 0.0,
         )
+
+
+def _first_tries(predicate: Callable[[BaseException], bool], attempts: int) -> Callable[[BaseException], bool]:
+    """`predicate` for the first `attempts - 1` failures of one call, then False: no more tries."""
+    failures = itertools.count(1)
+    return lambda exc: next(failures) < attempts and predicate(exc)
 
 
 def _is_valid_key(key: str) -> bool:

@@ -18,6 +18,13 @@ refused rather than silently downgraded.
 
 Versions are ETags. An ETag of a single-part upload is the MD5 of the body, so identical
 bytes get identical versions: the store makes every ref payload unique (commit id).
+
+Time limits (storage options): every operation must end within `deadline` seconds (default
+60), the SDK's retries and ckptstore's included (`ckptstore.deadline`): botocore gets no
+new attempt once it has passed, and waits for an answer at most what is left of it (a
+per-request read timeout, `read_timeout` at most; `connect_timeout` for a connection, 10 s).
+A failure to reach the endpoint, or its silence until the deadline, is a TransientError
+that names the endpoint (scheme, host and port).
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ from typing import Any
 
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode, require_version
 from ckptstore.backends.parts import PartsReader
+from ckptstore.deadline import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DEADLINE,
+    check_seconds,
+    deadline_at,
+    endpoint_name,
+    out_of_time,
+    seconds_left,
+)
 from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
@@ -59,20 +75,44 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
                     "TooManyRequests", "429"}
 
 
-def _error_code(exc: Any) -> tuple[str, int]:
-    response = getattr(exc, "response", None) or {}
+def _retryable_response(response: Any) -> bool:
+    """Whether botocore's (http response, parsed) pair is a failure worth a retry."""
+    if not isinstance(response, tuple) or len(response) != 2 or not isinstance(response[1], dict):
+        return False
+    code, status = _response_codes(response[1])
+    return code in _TRANSIENT_CODES or status >= 500 or status == 429
+
+
+def _response_codes(response: dict[str, Any]) -> tuple[str, int]:
     code = str(response.get("Error", {}).get("Code", ""))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return code, status
 
 
+def _error_code(exc: Any) -> tuple[str, int]:
+    return _response_codes(getattr(exc, "response", None) or {})
+
+
+class _DeadlinePassed(Exception):
+    """Raised from botocore's event hooks to stop an operation whose deadline passed; turned
+    into a TransientError naming the endpoint by `translate_errors`. Not a botocore error, so
+    botocore never retries it."""
+
+    def __init__(self, last: BaseException | None):
+        super().__init__("deadline passed")
+        self.last = last
+
+
 @contextlib.contextmanager
-def translate_errors(key: str, operation: str, mode: PutMode | None = None) -> Iterator[None]:
+def translate_errors(key: str, operation: str, mode: PutMode | None = None, *, endpoint: str = "the S3 endpoint",
+                     deadline: float = DEFAULT_DEADLINE) -> Iterator[None]:
     """Map boto3/botocore failures to ckptstore's typed errors, in this one place."""
     from botocore import exceptions as bex
 
     try:
         yield
+    except _DeadlinePassed as exc:
+        raise out_of_time(endpoint, deadline, key=key, operation=operation, last=exc.last) from exc.last
     except bex.ClientError as exc:
         code, status = _error_code(exc)
         if status == 412 or code == "PreconditionFailed":
@@ -97,7 +137,8 @@ def translate_errors(key: str, operation: str, mode: PutMode | None = None) -> I
             key=key, operation=operation) from exc
     except (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
             bex.ConnectTimeoutError, bex.ResponseStreamingError, bex.IncompleteReadError) as exc:
-        raise TransientError(f"connection failed: {type(exc).__name__}", key=key, operation=operation) from exc
+        raise TransientError(f"connection to {endpoint} failed: {type(exc).__name__}", key=key,
+                             operation=operation) from exc
     except bex.BotoCoreError as exc:
         raise BackendError(f"S3 client error: {type(exc).__name__}", key=key, operation=operation) from exc
 
@@ -157,9 +198,13 @@ class S3Backend(Backend):
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         part_size: int = DEFAULT_PART_SIZE,
         max_attempts: int = 5,
-        connect_timeout: float = 10.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = 60.0,
+        deadline: float = DEFAULT_DEADLINE,
     ):
+        for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout),
+                            ("deadline", deadline)):
+            check_seconds(name, value)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -172,6 +217,41 @@ class S3Backend(Backend):
         # everything else (refs, the marker, locks) keeps a signed payload as well.
         self._client = client or make(sign_payload=True)
         self._data_client = client or make(sign_payload=False)
+        #: Seconds an operation may take, retries included (RetryingBackend uses the same).
+        self.deadline = float(deadline)
+        self._read_timeout = float(read_timeout)
+        self.endpoint = endpoint_name(str(getattr(self._client.meta, "endpoint_url", "") or ""))
+        for each in {id(c): c for c in (self._client, self._data_client)}.values():
+            events = each.meta.events
+            events.register_first("before-send.s3", self._before_send)
+            events.register_first("needs-retry.s3", self._before_retry)
+
+    # -- the deadline (module docstring) -------------------------------------------------
+    def _errors(self, key: str, operation: str, mode: PutMode | None = None) -> contextlib.ExitStack:
+        """The block of one operation: its deadline starts, and failures become typed errors."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(deadline_at(time.monotonic() + self.deadline))
+        stack.enter_context(translate_errors(key, operation, mode, endpoint=self.endpoint, deadline=self.deadline))
+        return stack
+
+    def _before_send(self, request: Any, **_: Any) -> None:
+        """botocore is about to send a request (a first try or a retry) of one of our operations."""
+        left = seconds_left()
+        if left is None:
+            return
+        if left <= 0:
+            raise _DeadlinePassed(None)
+        context = getattr(request, "context", None)
+        if isinstance(context, dict):  # botocore's per-request read timeout
+            context["read_timeout"] = min(self._read_timeout, left)
+
+    def _before_retry(self, caught_exception: BaseException | None = None, response: Any = None, **_: Any) -> None:
+        """botocore is deciding whether to retry: a failure past the deadline is final."""
+        left = seconds_left()
+        if left is None or left > 0 or isinstance(caught_exception, _DeadlinePassed):
+            return
+        if caught_exception is not None or _retryable_response(response):
+            raise _DeadlinePassed(caught_exception)
 
     @staticmethod
     def _make_client(endpoint_url: str | None, region: str | None, profile: str | None, threads: int,
@@ -213,7 +293,7 @@ class S3Backend(Backend):
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> GetResult:
-        with translate_errors(key, "get"):
+        with self._errors(key, "get"):
             response = self._client.get_object(Bucket=self.bucket, Key=self._name(key))
             return GetResult(response["Body"].read(), response["ETag"])
 
@@ -221,7 +301,7 @@ class S3Backend(Backend):
         if length <= 0:
             self.head(key)  # still report a missing key
             return b""
-        with translate_errors(key, "get_range"):
+        with self._errors(key, "get_range"):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=self._name(key),
                                                    Range=f"bytes={start}-{start + length - 1}")
@@ -236,7 +316,7 @@ class S3Backend(Backend):
         wanted = sum(b.nbytes for b in buffers)
         if wanted == 0:
             return 0
-        with translate_errors(key, "read_into"):
+        with self._errors(key, "read_into"):
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=self._name(key),
                                                    Range=f"bytes={start}-{start + wanted - 1}")
@@ -261,19 +341,24 @@ class S3Backend(Backend):
             return total
 
     def head(self, key: str) -> ObjectInfo:
-        with translate_errors(key, "head"):
+        with self._errors(key, "head"):
             response = self._client.head_object(Bucket=self.bucket, Key=self._name(key))
             return ObjectInfo(key, int(response["ContentLength"]), response["ETag"],
                               response["LastModified"].timestamp())
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        with translate_errors(prefix, "list"):
-            paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                for item in page.get("Contents", ()):
-                    yield ObjectInfo(self._key(item["Key"]), int(item["Size"]), item["ETag"],
-                                     item["LastModified"].timestamp())
+        pages = iter(self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full))
+        while True:
+            # Each page is one request with a deadline of its own; the caller's work between
+            # pages runs outside it.
+            with self._errors(prefix, "list"):
+                page = next(pages, None)
+            if page is None:
+                return
+            for item in page.get("Contents", ()):
+                yield ObjectInfo(self._key(item["Key"]), int(item["Size"]), item["ETag"],
+                                 item["LastModified"].timestamp())
 
     # -- writes --------------------------------------------------------------------------
     def _writer(self, key: str) -> Any:
@@ -300,7 +385,7 @@ class S3Backend(Backend):
             assert mode.version is not None
             conditions["IfMatch"] = mode.version
         for attempt in range(_CONFLICT_RETRIES + 1):
-            with translate_errors(key, operation, mode):
+            with self._errors(key, operation, mode):
                 try:
                     response = self._writer(key).put_object(Bucket=self.bucket, Key=name,
                                                             Body=PartsReader(parts), **conditions)
@@ -322,7 +407,7 @@ class S3Backend(Backend):
     def _put_multipart(self, key: str, name: str, parts: Sequence[Buffer]) -> str:
         size = sum(memoryview(p).nbytes for p in parts)
         operation = "put multipart"
-        with translate_errors(key, operation):
+        with self._errors(key, operation):
             upload = self._client.create_multipart_upload(Bucket=self.bucket, Key=name)
             upload_id = upload["UploadId"]
             try:
@@ -351,7 +436,7 @@ class S3Backend(Backend):
         aborted = 0
         prefix = f"{self.prefix}/" if self.prefix else ""
         cutoff = (time.time() if now is None else now) - min_age
-        with translate_errors(prefix, "cleanup_staging"):
+        with self._errors(prefix, "cleanup_staging"):
             paginator = self._client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for upload in page.get("Uploads", ()):
@@ -365,7 +450,7 @@ class S3Backend(Backend):
     def delete(self, key: str, *, version: str | None = None) -> None:
         name = self._name(key)
         if version is None:
-            with translate_errors(key, "delete"):
+            with self._errors(key, "delete"):
                 self._client.delete_object(Bucket=self.bucket, Key=name)
             return
         operation = "delete if-version"
@@ -376,7 +461,7 @@ class S3Backend(Backend):
             return
         for attempt in range(_CONFLICT_RETRIES + 1):
             try:
-                with translate_errors(key, operation):
+                with self._errors(key, operation):
                     try:
                         self._client.delete_object(Bucket=self.bucket, Key=name, IfMatch=version)
                         return

@@ -148,7 +148,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                "sysmem", "progress"),
     # Byte-level storage with conditional puts.
     "storage": ("backends", "backends.base", "backends.parts", "backends.local", "backends.memory", "backends.s3",
-                "backends.gcs", "retry", "url"),
+                "backends.gcs", "deadline", "retry", "url"),
     # The protocol: commits, leases, the gc lock and epoch, gc.
     "protocol": ("commit", "canary", "liveness", "lockfile", "serverclock", "leases", "epoch", "gclock", "gc"),
     # The store and its I/O.

@@ -21,10 +21,12 @@ from ckptstore import keys
 from ckptstore.backends.base import CREATE, OVERWRITE, Backend, ObjectInfo, PutMode
 from ckptstore.backends.memory import MemoryBackend
 from ckptstore.chunking import ChunkingPolicy
+from ckptstore.deadline import seconds_left
 from ckptstore.errors import (
     AlreadyExistsError,
     FormatError,
     IntegrityError,
+    InvalidArgumentError,
     InvalidURLError,
     ObjectNotFoundError,
     PreconditionFailedError,
@@ -348,6 +350,63 @@ def test_deadline_stops_retrying(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tries end at 0.1, 0.2 + s1, 0.3 + s1 + s2 (< 0.35, as each backoff s is at most 0.01 s) and
     # 0.4 + ...: the fourth is the last, and only the three before it asked for a backoff.
     assert failing.tries == 4 and len(sleeps) == 3 and all(0.005 <= s <= 0.01 for s in sleeps)
+
+
+def test_no_backoff_is_slept_that_would_end_past_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fake clock as above: a try takes 0.9 s of a 1 s deadline, and any backoff (0.1-0.2 s)
+    # would end at or past it, when no try could start any more: give up at once.
+    clock = [1000.0]
+    monkeypatch.setattr("ckptstore.retry.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    sleeps: list[float] = []
+    failing = TickingFailures(MemoryBackend(uuid.uuid4().hex), clock, 0.9)
+    retrying = RetryingBackend(failing, attempts=5, base_delay=0.2, max_delay=0.2, deadline=1.0, sleep=sleeps.append)
+    with pytest.raises(TransientError, match=r"gave up after 1 attempt;"):
+        retrying.put("k", b"v")
+    assert failing.tries == 1 and sleeps == []
+
+
+class DeadlineRecorder(ForwardingBackend):
+    """Records what is left of the operation's deadline (ckptstore.deadline) inside each call."""
+
+    def __init__(self, inner: Backend, deadline: float | None = None):
+        super().__init__(inner)
+        if deadline is not None:
+            self.deadline = deadline
+        self.seen: list[float | None] = []
+
+    def get(self, key: str) -> Any:
+        self.seen.append(seconds_left())
+        return self.inner.get(key)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for info in self.inner.list(prefix):
+            self.seen.append(seconds_left())
+            yield info
+
+
+def test_the_inner_backend_runs_under_the_operations_deadline() -> None:
+    inner = MemoryBackend(uuid.uuid4().hex)
+    for key in ("a/1", "a/2", "a/3"):
+        inner.put(key, b"v")
+    own = DeadlineRecorder(inner, deadline=7.0)  # a backend's own deadline is the default
+    retrying = RetryingBackend(own)
+    assert retrying.deadline == 7.0 and RetryingBackend(DeadlineRecorder(inner)).deadline == 60.0
+    retrying.get("a/1")
+    listed = []
+    for info in retrying.list("a/"):
+        listed.append(info.key)
+        assert seconds_left() is None  # the caller's work between keys runs under no deadline
+    assert listed == ["a/1", "a/2", "a/3"]
+    assert len(own.seen) == 4 and all(left is not None and 0 < left <= 7.0 for left in own.seen)
+    assert seconds_left() is None
+
+
+@pytest.mark.parametrize("settings", [{"attempts": 0}, {"attempts": 2.5}, {"base_delay": -1}, {"max_delay": "1"},
+                                      {"deadline": 0}, {"deadline": -5.0}])
+def test_bad_retry_settings_are_invalid_arguments(settings: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        RetryingBackend(MemoryBackend(uuid.uuid4().hex), **settings)
+    assert isinstance(caught.value, ValueError) and next(iter(settings)) in str(caught.value)
 
 
 def test_conditional_retry_reports_a_real_conflict() -> None:
