@@ -15,7 +15,17 @@ from typing import Any, NoReturn
 
 from ckptstore import errors
 from ckptstore.demo import run_demo
-from ckptstore.display import format_time, human_bytes, print_json, print_steps, table
+from ckptstore.diff import resolve_step
+from ckptstore.display import (
+    DIFF_LIST_LIMIT,
+    format_diff,
+    format_time,
+    format_tree,
+    human_bytes,
+    print_json,
+    print_steps,
+    table,
+)
 from ckptstore.keys import MAX_STEP
 from ckptstore.url import redact
 
@@ -65,12 +75,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ckptstore.report import step_details
+    from ckptstore.report import plain_tree, step_details
 
     with _open(args.url) as store:
-        details = step_details(store, _resolve_step(store, args.step))
+        details = step_details(store, resolve_step(store, args.step), tree=args.tree)
     if args.json:
-        print_json(details)
+        print_json({**details, "tree": plain_tree(details["tree"])} if args.tree else details)
         return EXIT_OK
     print(f"step        {details['step']}")
     print(f"committed   {format_time(details['committed'])} UTC by {details['writer']}")
@@ -82,6 +92,9 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"{human_bytes(details['stored_bytes'])} stored in {details['chunks']} chunks")
     if details["metadata"] is not None:
         print(f"metadata    {details['metadata']!r}")
+    if args.tree:
+        print("tree")
+        print(format_tree(details["tree"], indent="  "))
     tensors = details["tensors"]
     print(f"tensors     {len(tensors)}")
     if tensors:
@@ -188,7 +201,7 @@ def _step_number(text: str) -> int:
 def _step_arg(text: str) -> int | str:
     """A step on the command line: a number, 'latest', or a tag name (argparse type). All
     digits is always a step number; everything else is 'latest' or a tag, which
-    `_resolve_step` looks up once the store is open."""
+    `resolve_step` (ckptstore/diff.py) looks up once the store is open."""
     if re.fullmatch(r"[0-9]{1,20}", text):
         return _step_number(text)
     if text == "latest" or _TAG_NAME.fullmatch(text):
@@ -208,6 +221,13 @@ def _step_spec(text: str) -> int | str | tuple[int, int]:
             f"not a step or range: {text!r} ({_STEP_HELP}, or a range like 100-200)") from None
 
 
+def _output_path(text: str) -> str:
+    """A file to write (argparse type): not empty, no NUL byte."""
+    if not text.strip() or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"not a file path: {text!r}")
+    return text
+
+
 def _seconds(text: str) -> float:
     """A duration in seconds, finite and at least 0 (argparse type)."""
     try:
@@ -217,22 +237,6 @@ def _seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r} (use e.g. 0 or 3600)")
     return value
-
-
-def _resolve_step(store: Any, step: int | str) -> int:
-    """The step number a command-line step names: N itself, 'latest' the newest committed
-    step, anything else the step of the tag of that name. Every command resolves steps here."""
-    if isinstance(step, int):
-        return step
-    if step == "latest":
-        latest = store.latest()
-        if latest is None:
-            raise errors.StepNotFoundError("latest", store.url)
-        return int(latest)
-    tags = store.tags()
-    if step not in tags:
-        raise errors.TagNotFoundError(step, store.url)
-    return int(tags[step])
 
 
 def _select_steps(store: Any, specs: Sequence[int | str | tuple[int, int]]) -> list[int]:
@@ -245,7 +249,7 @@ def _select_steps(store: Any, specs: Sequence[int | str | tuple[int, int]]) -> l
             low, high = spec
             chosen.update(s for s in present if low <= s <= high)
             continue
-        step = _resolve_step(store, spec)
+        step = resolve_step(store, spec)
         if step not in present:
             raise errors.StepNotFoundError(step, store.url)
         chosen.add(step)
@@ -279,6 +283,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     from ckptstore.report import disk_usage
 
+    if args.history or args.plot is not None:
+        return _du_history(args)
     with _open(args.url) as store:
         usage = disk_usage(store)
     if args.json:
@@ -298,6 +304,48 @@ def cmd_du(args: argparse.Namespace) -> int:
         print(f"missing     {usage.missing_objects} referenced objects are not stored: run ckptstore verify")
     for line in usage.unreadable_refs:
         print(f"unreadable  {line}")
+    return EXIT_OK
+
+
+def _du_history(args: argparse.Namespace) -> int:
+    from ckptstore.report import storage_history
+
+    with _open(args.url) as store:
+        rows = storage_history(store)
+    if args.plot is not None:
+        from ckptstore.display import plot_history
+
+        try:
+            plot_history(rows, args.plot, title=redact(args.url))
+        except ImportError as exc:
+            raise CommandError(f"--plot needs matplotlib ({exc}): pip install 'ckptstore[plot]'", EXIT_ERROR,
+                               "ImportError") from exc
+    if args.json:
+        print_json([r.as_dict() for r in rows])
+        return EXIT_OK
+    if not rows:
+        print(f"no steps in {redact(args.url)}")
+    else:
+        print(table(
+            ["STEP", "LOGICAL", "NEW", "STORED", "DEDUP"],
+            [[str(r.step), human_bytes(r.logical_bytes), human_bytes(r.new_bytes), human_bytes(r.stored_bytes),
+              f"{r.dedup_ratio:.2f}x" if r.dedup_ratio is not None else "-"] for r in rows],
+            right={0, 1, 2, 3, 4},
+        ))
+        print("LOGICAL: the step's tensor bytes; NEW: stored bytes of chunks no earlier step references; "
+              "STORED: NEW summed up to the step; DEDUP: LOGICAL summed up to the step / STORED")
+    if args.plot is not None:
+        print(f"plot written to {args.plot}")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    with _open(args.url) as store:
+        result = store.diff(args.a, args.b, values=args.values)
+    if args.json:
+        print_json(result.as_dict())
+        return EXIT_OK
+    print(format_diff(result, limit=None if args.all else DIFF_LIST_LIMIT))
     return EXIT_OK
 
 
@@ -336,7 +384,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         return _needs_safetensors("export")
     with _open(args.url) as store:
-        step = _resolve_step(store, args.step)
+        step = resolve_step(store, args.step)
         try:
             if args.format == "dcp":
                 files = export_dcp(store, step, args.out, trust_pickle=args.trust_pickle)
@@ -429,7 +477,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
             result: dict[str, Any] = {"deleted": args.name}
             text = f"deleted tag {args.name}"
         elif args.step is not None:
-            step = _resolve_step(store, args.step)
+            step = resolve_step(store, args.step)
             store.tag(args.name, step, overwrite=args.force)
             result = {"tag": args.name, "step": step}
             text = f"tagged step {step} as {args.name}"
@@ -498,8 +546,29 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Show a step's ref, metadata and every tensor (path, dtype, shape, bytes).")
     show.add_argument("url", help="store URL or path")
     show.add_argument("step", type=_step_arg, help="step number, 'latest' or a tag name")
+    show.add_argument("--tree", action="store_true",
+                      help="also print the step's non-tensor values (config, counters), tensors as placeholders")
     show.add_argument("--json", action="store_true", help="print JSON for scripts")
     show.set_defaults(run=cmd_show)
+
+    diff = sub.add_parser("diff", help="what changed between two steps: tensors added, removed, changed",
+                          description="Compare step B with step A (numbers, 'latest' or tag names): tensors "
+                                      "added, removed, changed and unchanged, with bytes. Decided from chunk "
+                                      "digests in the manifests: no tensor data is read. A small tensor packed "
+                                      "into a chunk with others counts as changed when its pack changed (marked "
+                                      "'packed': its own bytes may be equal). --values reads the changed tensors "
+                                      "(only those), settles the packed ones and reports each one's max abs "
+                                      "difference and relative L2 change ||B - A|| / ||A|| (needs numpy, and "
+                                      "torch for torch tensors).")
+    diff.add_argument("url", help="store URL or path")
+    diff.add_argument("a", metavar="A", type=_step_arg, help="step number, 'latest' or a tag name")
+    diff.add_argument("b", metavar="B", type=_step_arg, help="step number, 'latest' or a tag name")
+    diff.add_argument("--values", action="store_true",
+                      help="read the changed tensors: max abs difference and relative L2 change")
+    diff.add_argument("--all", action="store_true",
+                      help=f"list every tensor name (default: at most {DIFF_LIST_LIMIT} per category)")
+    diff.add_argument("--json", action="store_true", help="print JSON for scripts (every tensor)")
+    diff.set_defaults(run=cmd_diff)
 
     rm = sub.add_parser("rm", help="delete steps (refs only; gc frees data)",
                         description="Delete steps' refs. Data shared with other steps stays; unreferenced data "
@@ -539,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "garbage no ref reaches (what gc frees). Reads refs and manifests and lists "
                                     "objects; never reads chunk data.")
     du.add_argument("url", help="store URL or path")
+    du.add_argument("--history", action="store_true",
+                    help="per step: logical bytes, new bytes (chunks no earlier step references), stored bytes "
+                         "so far and the dedup ratio so far")
+    du.add_argument("--plot", metavar="FILE.png", default=None, type=_output_path,
+                    help="draw the --history as a PNG (implies --history; needs matplotlib: "
+                         "pip install 'ckptstore[plot]')")
     du.add_argument("--json", action="store_true", help="print JSON for scripts")
     du.set_defaults(run=cmd_du)
 

@@ -1,13 +1,15 @@
-"""Read-only summaries of a store for people and scripts (the CLI's ls, show and du).
+"""Read-only summaries of a store for people and scripts (the CLI's ls, show, du and diff).
 
 Reads refs and manifests only, never chunk data, and never imports torch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from ckptstore.manifest import Manifest
 from ckptstore.store import Store
 from ckptstore.tree import TensorRef, decode_tree, format_path, map_tensors
 
@@ -70,10 +72,53 @@ def tensor_summaries(store: Store, step: int) -> list[TensorSummary]:
     return rows
 
 
-def step_details(store: Store, step: int) -> dict[str, Any]:
-    """Everything `ckptstore show` prints about `step`, as plain data."""
+@dataclass(frozen=True)
+class TensorPlaceholder:
+    """A tensor in `step_details(tree=True)`'s tree: what it is, not its bytes."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        word = {"torch": "tensor", "numpy": "ndarray"}.get(self.kind, self.kind)
+        return f"<{word} {self.dtype} [{', '.join(map(str, self.shape))}]>"
+
+
+def tree_view(manifest: Manifest) -> Any:
+    """The step's state tree, tensors replaced by TensorPlaceholders (reads no tensor data)."""
+
+    def placeholder(_path: tuple[Any, ...], ref: TensorRef) -> Any:
+        if ref.index >= len(manifest.tensors):
+            return TensorPlaceholder("missing", f"tensor {ref.index}", ())
+        entry = manifest.tensors[ref.index]
+        return TensorPlaceholder(entry.kind, entry.dtype, entry.shape)
+
+    return map_tensors(decode_tree(manifest.tree), placeholder)
+
+
+def plain_tree(node: Any) -> Any:
+    """`tree_view`'s tree as JSON values: tensors as their '<tensor float32 [4, 4]>' text,
+    bytes as hex, tuples as lists, int keys as str, NaN and infinities as 'nan', 'inf', '-inf'."""
+    if isinstance(node, dict):
+        return {str(k): plain_tree(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [plain_tree(v) for v in node]
+    if isinstance(node, TensorPlaceholder):
+        return str(node)
+    if isinstance(node, bytes):
+        return node.hex()
+    if isinstance(node, float) and not math.isfinite(node):
+        return str(node)
+    return node
+
+
+def step_details(store: Store, step: int, *, tree: bool = False) -> dict[str, Any]:
+    """Everything `ckptstore show` prints about `step`, as plain data; with `tree`, also
+    "tree": the state's tree_view (for JSON, pass it through plain_tree)."""
     info = store.info(step)
     manifest = info.manifest
+    extra = {"tree": tree_view(manifest)} if tree else {}
     return {
         "step": step,
         "manifest": info.ref.manifest,
@@ -88,7 +133,39 @@ def step_details(store: Store, step: int) -> dict[str, Any]:
         "stored_bytes": manifest.stored_bytes,
         "chunks": len(manifest.chunks),
         "tensors": [t.__dict__ for t in tensor_summaries(store, step)],
+        **extra,
     }
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One step of `ckptstore du --history`: how the store grew with it.
+
+    `stored_bytes` is `new_bytes` summed over the steps up to this one (what the store's chunks
+    take once older steps' unique chunks are counted once), `dedup_ratio` the logical bytes of
+    those steps over it."""
+
+    step: int
+    committed: float
+    logical_bytes: int
+    new_bytes: int
+    stored_bytes: int
+    dedup_ratio: float | None  # None while nothing is stored
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def storage_history(store: Store) -> list[HistoryRow]:
+    """Every committed step in order with its logical, new and cumulative stored bytes."""
+    rows = []
+    logical = stored = 0
+    for summary in step_summaries(store):
+        logical += summary.logical_bytes
+        stored += summary.new_bytes
+        rows.append(HistoryRow(summary.step, summary.committed, summary.logical_bytes, summary.new_bytes, stored,
+                               logical / stored if stored else None))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -139,7 +216,6 @@ def disk_usage(store: Store) -> DiskUsage:
     from ckptstore.chunkio import bounded_map
     from ckptstore.commit import read_ref
     from ckptstore.errors import CkptStoreError
-    from ckptstore.manifest import Manifest
 
     backend = store.backend
     ref_keys = sorted(info.key for info in backend.list("refs/"))

@@ -110,6 +110,15 @@ class Store(StoreKernel):
 
         return StepReader(self, step)
 
+    def diff(self, a: int | str, b: int | str, *, values: bool = False) -> Any:
+        """What changed between steps (or tags, or `latest`) `a` and `b`: tensors added,
+        removed, changed and unchanged, with bytes, decided from chunk digests alone (no
+        tensor data read). `values=True` also reads the changed tensors and reports their
+        max abs difference and relative L2 change. See ckptstore/diff.py."""
+        from ckptstore.diff import diff_steps
+
+        return diff_steps(self, a, b, values=values)
+
     # -- gc --------------------------------------------------------------------------------
     def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GCReport:
         """Free chunks and manifests that no ref reaches and that are older than `min_age`

@@ -108,3 +108,110 @@ def test_public_api_is_exactly_all() -> None:
                  "PreconditionFailedError", "TransientError", "PermissionDeniedError", "BackendError"):
         assert name in ckptstore.__all__
         assert name in ("open", "Store") or issubclass(getattr(ckptstore, name), ckptstore.CkptStoreError)
+
+
+def test_show_tree_prints_the_non_tensor_values(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    url = str(tmp_path / "tree")
+    state = {"model": {"w": torch.zeros(4, 4), "b": np.zeros(2, dtype=np.float32)},
+             "optim": {"state": {0: {"step": 12, "exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.001,
+                                                                                             "betas": (0.9, 0.999)}]},
+             "config": {"name": "run-a", "seed": None, "blob": b"\x00\x01", "ratio": float("nan"), "tags": []},
+             "epoch": 3}
+    ckptstore.open(url).save(5, state)
+    assert main(["show", url, "5", "--tree"]) == EXIT_OK
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    tree = lines[lines.index("tree") + 1:lines.index("tensors     3") + 1]
+    assert tree == [
+        "  model:",
+        "    w: <tensor float32 [4, 4]>",
+        "    b: <ndarray <f4 [2]>",
+        "  optim:",
+        "    state:",
+        "      0:",
+        "        step: 12",
+        "        exp_avg: <tensor float32 [3]>",
+        "    param_groups:",
+        "      [0]:",
+        "        lr: 0.001",
+        "        betas: (0.9, 0.999)",
+        "  config:",
+        "    name: 'run-a'",
+        "    seed: None",
+        "    blob: b'\\x00\\x01'",
+        "    ratio: nan",
+        "    tags: []",
+        "  epoch: 3",
+        "tensors     3",
+    ]
+    assert "state['optim']['state'][0]['exp_avg']  float32" in out  # then the tensor table
+    assert main(["show", url, "latest", "--tree", "--json"]) == EXIT_OK
+    raw = capsys.readouterr().out
+    assert "NaN" not in raw  # strict JSON
+    data = json.loads(raw)
+    assert data["tree"] == {
+        "model": {"w": "<tensor float32 [4, 4]>", "b": "<ndarray <f4 [2]>"},
+        "optim": {"state": {"0": {"step": 12, "exp_avg": "<tensor float32 [3]>"}},
+                  "param_groups": [{"lr": 0.001, "betas": [0.9, 0.999]}]},
+        "config": {"name": "run-a", "seed": None, "blob": "0001", "ratio": "nan", "tags": []},
+        "epoch": 3,
+    }
+    assert len(data["tensors"]) == 3
+    assert main(["show", url, "5", "--json"]) == EXIT_OK
+    assert "tree" not in json.loads(capsys.readouterr().out)  # only with --tree
+
+
+def test_du_history_per_step_table_and_json(store_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["du", store_path, "--history", "--json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["step"] for r in rows] == [100, 200]
+    first, second = rows
+    assert first["new_bytes"] == first["stored_bytes"] > 8 * 2**20  # everything is new in the first step
+    assert second["new_bytes"] < 1024  # the 8 MiB tensor is shared: only the small pack is new
+    assert second["stored_bytes"] == first["stored_bytes"] + second["new_bytes"]
+    assert second["dedup_ratio"] == pytest.approx(
+        (first["logical_bytes"] + second["logical_bytes"]) / second["stored_bytes"])
+    assert 1.9 < second["dedup_ratio"] < 2.0
+    assert main(["du", store_path, "--history"]) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["STEP", "LOGICAL", "NEW", "STORED", "DEDUP"]
+    assert out[1].split()[0] == "100" and out[2].split()[0] == "200"
+    assert out[2].split()[-1] == f"{second['dedup_ratio']:.2f}x"
+
+
+def test_du_plot_writes_a_png_and_matplotlib_is_imported_only_for_it(store_path: str, tmp_path) -> None:
+    png = tmp_path / "growth.png"
+    probe = (
+        "import sys, io, contextlib\n"
+        "from ckptstore.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    for argv in (['ls', {store_path!r}], ['du', {store_path!r}], ['du', {store_path!r}, '--history'],\n"
+        f"                 ['show', {store_path!r}, '100', '--tree'], ['diff', {store_path!r}, '100', '200']):\n"
+        "        assert main(argv) == 0, argv\n"
+        "assert 'matplotlib' not in sys.modules, 'imported without --plot'\n"
+        f"assert main(['du', {store_path!r}, '--plot', {str(png)!r}]) == 0\n"
+        "assert 'matplotlib' in sys.modules\n"
+        "print('lazy')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "lazy" in result.stdout, result.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "plot written to" in result.stdout
+
+
+def test_du_plot_without_matplotlib_says_how_to_install_it(store_path: str, tmp_path) -> None:
+    probe = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # what an environment without the plot extra imports\n"
+        "from ckptstore.cli import main\n"
+        f"sys.exit(main(['du', {store_path!r}, '--history', '--plot', {str(tmp_path / 'p.png')!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'ckptstore[plot]'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.png").exists()
+    bad = run_cli("du", store_path, "--plot", "")
+    assert bad.returncode == EXIT_USAGE and "--plot" in bad.stderr

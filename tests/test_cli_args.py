@@ -16,10 +16,11 @@ from ckptstore.cli import EXIT_OK, main
 
 COMMANDS = {  # command -> its flags (demo trains a model: only its argument errors are exercised)
     "ls": ["--json"],
-    "show": ["--json"],
+    "show": ["--tree", "--json"],
     "rm": ["--yes", "-y", "--json"],
     "verify": ["--deep", "--json"],
-    "du": ["--json"],
+    "du": ["--history", "--plot", "--json"],
+    "diff": ["--values", "--all", "--json"],
     "cp": ["--steps", "--overwrite", "--skip-existing", "--json"],
     "export": ["--format", "--max-shard-size", "--trust-pickle", "--json"],
     "import": ["--overwrite", "--json"],
