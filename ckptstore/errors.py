@@ -16,8 +16,9 @@ The tree::
     ├── InvalidArgumentError          a bad argument to the public API (also a ValueError)
     │   └── InvalidStepError          a step that is not an int in [0, MAX_STEP]
     ├── StepExistsError               commit without overwrite found the step committed
-    ├── StepNotFoundError             the requested step has no ref
+    ├── StepNotFoundError             the requested step has no ref (also a KeyError)
     │   └── TagNotFoundError          the requested tag has no ref
+    ├── PathNotFoundError             load(select=...) named a path the step does not hold (also a KeyError)
     ├── TagExistsError                tag without overwrite found the name taken
     ├── CommitConflictError           another writer replaced the step while we committed
     ├── ChunkVanishedError            a chunk kept vanishing mid-save (a concurrent gc): nothing committed
@@ -31,7 +32,7 @@ The tree::
     ├── GCLockLostError               a gc found that it no longer owns locks/gc (it stops)
     ├── IncompatibleStoresError       cp between stores with different hash algorithms
     ├── InteropError                  a foreign checkpoint (DCP, torch.save, safetensors) that cannot be converted
-    └── StateMismatchError            load(into=...) found a tensor of another shape or dtype
+    └── StateMismatchError            load(into=...) found tensors missing, unexpected, or of another shape/dtype
 
 Backend errors carry the key and the operation so a message always says what failed where.
 """
@@ -222,8 +223,45 @@ class InteropError(CkptStoreError, ValueError):
     a dtype the target format cannot hold."""
 
 
+def _listed(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 class StateMismatchError(CkptStoreError, ValueError):
-    """load(into=...) found a target tensor whose shape or dtype differs from the stored one."""
+    """load(into=...) found `into` unlike the stored state: tensors only `into` has (`missing`,
+    as torch's load_state_dict names them), tensors only the step has (`unexpected`), and
+    tensors of another kind, shape or dtype (`mismatched`: (path, what differs)). Paths are
+    dotted names (``model.0.weight``). Nothing was read or filled."""
+
+    def __init__(self, message: str, *, missing: list[str] | None = None, unexpected: list[str] | None = None,
+                 mismatched: list[tuple[str, str]] | None = None):
+        self.missing = list(missing or [])
+        self.unexpected = list(unexpected or [])
+        self.mismatched = list(mismatched or [])
+        parts = [message]
+        if self.missing:
+            parts.append(f"missing from the step ({len(self.missing)}): {_listed(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected, in the step but not in into ({len(self.unexpected)}): "
+                         f"{_listed(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"mismatched ({len(self.mismatched)}): "
+                         f"{_listed([f'{path} ({why})' for path, why in self.mismatched])}")
+        super().__init__("; ".join(parts))
+
+
+class PathNotFoundError(CkptStoreError, KeyError):
+    """load(select=[...]) named a dotted path the step does not hold. `paths` lists every such
+    name; the message says what exists where each one stopped matching."""
+
+    def __init__(self, paths: list[str], context: str, nearby: dict[str, list[str]]):
+        self.paths = list(paths)
+        told = [f"{path!r} (there: {_listed(nearby.get(path, [])) or 'nothing'})" for path in self.paths]
+        super().__init__(f"{context} holds nothing at {'; '.join(told)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0])
 
 
 class InsufficientMemoryError(CkptStoreError, MemoryError):

@@ -20,11 +20,12 @@ import contextlib
 import getpass
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 
@@ -46,6 +47,7 @@ from ckptstore.errors import (
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
+    StateMismatchError,
     StepExistsError,
     StepNotFoundError,
     StoreNotFoundError,
@@ -69,13 +71,23 @@ from ckptstore.manifest import (
     encode_manifest,
     encode_marker,
 )
+from ckptstore.selection import (
+    Selection,
+    check_select,
+    compare_targets,
+    dotted_name,
+    leaves,
+    select_subtrees,
+    target_tensors,
+)
 from ckptstore.serverclock import probe_clock
-from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path, lookup, map_tensors
+from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path, map_tensors
 
 # The public Store's logger: retention and lock-age warnings keep the name they always had.
 log = logging.getLogger("ckptstore.store")
 
 DEFAULT_THREADS = 4
+_STEP_NUMBER = re.compile(r"[0-9]+")  # load("2") means step 2, as the CLI reads a STEP
 
 
 @dataclass(frozen=True)
@@ -482,55 +494,115 @@ class StoreKernel:
         return StepInfo(ref.step, ref, self.manifest(ref.manifest))
 
     def _resolve(self, step: int | str | None) -> int | str:
-        if step is None:
+        """The step number or tag name `step` means, as the CLI reads a STEP: None or "latest"
+        the newest committed step, an int or a str of ASCII digits ("2", "002") that step, any
+        other str the tag of that name. Tag names may be all digits or "latest" (keys.py allows
+        them), but the step reading wins: such a tag is loaded by its step,
+        ``load(store.ref("2").step)``. Raises StepNotFoundError (an empty store) and
+        InvalidStepError."""
+        if step is None or step == "latest":
             latest = self.latest()
             if latest is None:
                 raise StepNotFoundError("latest", self.url)
             return latest
-        return step if isinstance(step, str) else keys.check_step(step)
+        if isinstance(step, str):
+            return keys.check_step(int(step)) if _STEP_NUMBER.fullmatch(step) else step
+        return keys.check_step(step)
 
-    def load(self, step: int | str | None = None, *, into: Any = None) -> Any:
-        """The state saved as `step` (default: the latest step; a str names a tag).
+    def load(self, step: int | str | None = None, *, into: Any = None, select: list[str] | None = None,
+             strict: bool = True) -> Any:
+        """The state saved as `step`: an int, "latest" (the default, None, means it too), a str of
+        digits for that step number, or a tag name (`_resolve` has the rules).
 
-        With `into`, tensors at the same paths in that tree are filled in place (CPU
-        contiguous tensors receive the bytes directly) and returned in the result.
-        Raises StepNotFoundError, IntegrityError (corrupt or missing data, naming the step,
-        tensor and key) or StateMismatchError (an `into` tensor of another shape or dtype).
+        `select`: a list of dotted paths, the names `export` gives (path parts joined with ".",
+        int keys and list indices as their decimal text: ``["model", "optim.state.0"]``). Only
+        those subtrees are loaded, in their original nesting (``{"model": ..., "optim": {"state":
+        {0: ...}}}``; a list or tuple of which only some items are selected comes back as a dict
+        of them by index), and only chunks holding their tensors are read. A chunk shared with
+        tensors not selected (a pack of small tensors) is read whole, so that its hash can be
+        checked. A name that names nothing raises PathNotFoundError (a KeyError) before any
+        chunk is read; every name that does is kept.
+
+        `into`: a tree of existing tensors, such as ``{"model": model.state_dict()}``; each is
+        filled in place (dense CPU tensors receive the bytes directly, others through a staging
+        copy) and returned in the result at its path. As torch's `load_state_dict`, it is
+        strict: the tensor paths of `into` (only those inside the selection, with `select`)
+        must be exactly the step's (the selection's), each of the stored kind, dtype and shape.
+        Otherwise StateMismatchError lists `missing` (in `into`, not in the step), `unexpected`
+        (in the step, not in `into`) and `mismatched` tensors, before a single chunk is read.
+        Plain values in `into` (ints, strs) are ignored; the result holds the stored ones. An
+        `into` that is not a dict, list, tuple or tensor (a module, an int), or holds such an
+        object, raises InvalidArgumentError.
+
+        `strict=False`: tensors that match are filled; the step's other tensors are loaded
+        into new memory, `into`'s other tensors are left untouched, and the return value is a
+        `LoadResult(state, missing, unexpected)` (a NamedTuple, even without `into`). Kind,
+        dtype or shape mismatches still raise.
+
+        Raises StepNotFoundError, PathNotFoundError, StateMismatchError, InvalidArgumentError,
+        InsufficientMemoryError (the tensors to allocate exceed RAM plus swap) or
+        IntegrityError (corrupt or missing data, naming the step, tensor and key).
         """
+        names = None if select is None else check_select(select)
+        if names == ():
+            raise InvalidArgumentError("select=[] selects nothing; leave select out to load the whole step")
         self._require_store()  # before the lease: reading a URL with no store creates nothing
         # A load lease makes a concurrent gc stand down. Read-only credentials cannot write
         # one: the load goes ahead without (gc's min_age still protects it in practice).
         with Lease(self.backend, "load", writer_identity(), ttl=self.lease_ttl, required=False):
-            return self._load_leased(step, into)
+            state, missing, unexpected = self._load_leased(step, into, names, strict)
+        return state if strict else LoadResult(state, missing, unexpected)
 
-    def _load_leased(self, step: int | str | None, into: Any) -> Any:
-        from ckptstore.tensors import allocate
+    def _load_leased(self, step: int | str | None, into: Any, names: tuple[str, ...] | None,
+                     strict: bool) -> tuple[Any, list[str], list[str]]:
+        from ckptstore.tensors import allocate, is_tensor, target_mismatch
 
         step = self._resolve(step)
         manifest = self.info(step).manifest
+        context = f"step {step}"
         tree = decode_tree(manifest.tree)
-        if into is None:  # everything is allocated here: refuse what cannot fit up front
-            _check_fits(step, manifest.logical_bytes)
+        selection = Selection(tree, ((),)) if names is None else select_subtrees(tree, names, context)
+        stored: dict[tuple[Any, ...], TensorRef] = leaves(selection.tree, lambda node: isinstance(node, TensorRef))
+        for ref in stored.values():
+            if ref.index >= len(manifest.tensors):
+                raise FormatError(f"{context}: tree references tensor {ref.index} of {len(manifest.tensors)}")
+
+        # Everything is checked before anything is allocated or read.
+        matched: dict[tuple[Any, ...], Any] = {}
+        missing: list[str] = []
+        unexpected: list[str] = []
+        if into is not None:
+            if is_tensor(into) and not isinstance(selection.tree, TensorRef):
+                raise InvalidArgumentError(f"into is a tensor, but {context} holds a {type(selection.tree).__name__}: "
+                                           f"pass a tree shaped like the saved state")
+            wanted = {path: t for path, t in target_tensors(into, is_tensor).items() if selection.holds(path)}
+            comparison = compare_targets(stored, wanted)
+            matched, missing, unexpected = comparison.matched, comparison.missing, comparison.unexpected
+            mismatched = [(dotted_name(path), why) for path, target in matched.items()
+                          if (why := target_mismatch(manifest.tensors[stored[path].index], target)) is not None]
+            if mismatched or (strict and (missing or unexpected)):
+                what = "the selection" if names is not None else "the stored state"
+                hint = "" if mismatched else "; strict=False fills what matches, select=[...] loads part of a step"
+                raise StateMismatchError(f"{context}: into does not match {what}{hint}",
+                                         missing=missing if strict else [], unexpected=unexpected if strict else [],
+                                         mismatched=mismatched)
+        fresh = {ref.index for path, ref in stored.items() if path not in matched}
+        _check_fits(step, sum(manifest.tensors[index].nbytes for index in fresh))
+
         targets: dict[int, Any] = {}
         labels: dict[int, str] = {}
-
-        def place(path: tuple[Any, ...], ref: TensorRef) -> TensorRef:
-            if ref.index >= len(manifest.tensors):
-                raise FormatError(f"step {step}: tree references tensor {ref.index} of {len(manifest.tensors)}")
-            if ref.index not in targets:
-                labels[ref.index] = format_path(path)
-                try:
-                    targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index],
-                                                  lookup(into, path) if into is not None else None)
-                except (MemoryError, RuntimeError) as exc:  # torch reports allocation failures as RuntimeError
-                    if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
-                        raise
-                    raise InsufficientMemoryError(
-                        f"step {step}: allocating {labels[ref.index]} "
-                        f"({manifest.tensors[ref.index].nbytes} bytes) failed: {exc}") from exc
-            return ref
-
-        map_tensors(tree, place)
+        for path, ref in stored.items():
+            if ref.index in targets:
+                continue
+            labels[ref.index] = format_path(path)
+            try:
+                targets[ref.index] = allocate(manifest.tensors[ref.index], labels[ref.index], matched.get(path))
+            except (MemoryError, RuntimeError) as exc:  # torch reports allocation failures as RuntimeError
+                if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                    raise
+                raise InsufficientMemoryError(
+                    f"{context}: allocating {labels[ref.index]} "
+                    f"({manifest.tensors[ref.index].nbytes} bytes) failed: {exc}") from exc
         landings: dict[int, list[Landing]] = {}
         for index, target in targets.items():
             position = 0
@@ -539,9 +611,9 @@ class StoreKernel:
                     Landing(offset, length, target.data[position:position + length], labels[index]))
                 position += length
         reader = ChunkReader(self.backend, self._hash, self.threads, verify=self.verify)
-        reader.read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], f"step {step}")
+        reader.read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], context)
         finished = {index: target.finish() for index, target in targets.items()}
-        return map_tensors(tree, lambda _path, ref: finished[ref.index])
+        return map_tensors(selection.tree, lambda _path, ref: finished[ref.index]), missing, unexpected
 
     # -- delete ----------------------------------------------------------------------------
     def delete(self, step: int) -> None:
@@ -560,11 +632,23 @@ class StoreKernel:
 
 
 def _check_fits(step: int | str, nbytes: int) -> None:
-    """Raise InsufficientMemoryError when a load of `nbytes` cannot fit in RAM plus swap."""
+    """Raise InsufficientMemoryError when a load must allocate `nbytes` (the tensors it does not
+    fill in an `into`) and they cannot fit in RAM plus swap."""
     from ckptstore.sysmem import machine_memory_bytes
 
     limit = machine_memory_bytes()
     if limit is not None and nbytes > limit:
         raise InsufficientMemoryError(
             f"step {step} holds {nbytes} bytes of tensors, more than this machine's memory "
-            f"({limit} bytes of RAM and swap); load(into=...) fills existing tensors instead")
+            f"({limit} bytes of RAM and swap); load(into=...) fills existing tensors instead, "
+            f"load(select=[...]) loads part of the step")
+
+
+class LoadResult(NamedTuple):
+    """What `load(..., strict=False)` returns: the loaded state, and the dotted paths of the
+    tensors `into` has and the step (or selection) has not (`missing`, left untouched), and of
+    those the step has and `into` has not (`unexpected`, loaded into new memory)."""
+
+    state: Any
+    missing: list[str]
+    unexpected: list[str]

@@ -6,7 +6,9 @@ module name first), so `import ckptstore` and the CLI's listing commands stay to
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,19 +136,64 @@ class TargetTensor:
 
     value: Any  # the object that goes into the loaded tree
     data: memoryview
-    copy_back: Any = None  # (destination, staging) when bytes landed in a staging tensor
+    copy_back: Callable[[], object] | None = None  # copies a staging buffer into the caller's tensor
     as_scalar: bool = False  # numpy scalars are read into a 0-d array, then unwrapped
 
     def finish(self) -> Any:
         """The loaded value, once every byte has landed in `data`."""
         if self.copy_back is not None:
-            destination, staging = self.copy_back
-            destination.copy_(staging)
+            self.copy_back()
         return self.value[()] if self.as_scalar else self.value
 
 
+def describe_entry(entry: TensorEntry) -> str:
+    """A stored tensor in a few words: ``float32[3, 4]``, ``numpy <f8[3]``."""
+    kind = "" if entry.kind == KIND_TORCH else f"{entry.kind} "
+    return f"{kind}{entry.dtype}{list(entry.shape)}"
+
+
+def target_mismatch(entry: TensorEntry, target: Any) -> str | None:
+    """Why `target` (a tensor of a load's `into`) cannot receive the stored `entry` (kind,
+    dtype, shape, a read-only array), or None when it can. Reads no bytes."""
+    stored = describe_entry(entry)
+    if entry.kind == KIND_TORCH:
+        if not _is_torch_tensor(target):
+            return f"stored {stored}, target is a {type(target).__name__}, not a torch tensor"
+        name = torch_dtype_name(target.dtype)
+        if name != entry.dtype or tuple(target.shape) != entry.shape:
+            return f"stored {stored}, target {name}{list(target.shape)}"
+        return None
+    import numpy as np
+
+    if entry.kind == KIND_NUMPY_SCALAR:
+        if not isinstance(target, np.generic) or target.dtype.str != entry.dtype:
+            return f"stored {stored}, target {_numpy_what(target)}"
+        return None
+    if not isinstance(target, np.ndarray) or target.dtype.str != entry.dtype or target.shape != entry.shape:
+        return f"stored {stored}, target {_numpy_what(target)}"
+    if not target.flags.writeable:
+        return f"stored {stored}, target is a read-only array"
+    return None
+
+
+def _numpy_what(value: Any) -> str:
+    if _is_numpy(value):
+        kind = "numpy-scalar" if isinstance(value, sys.modules["numpy"].generic) else "numpy"
+        return f"{kind} {value.dtype.str}{list(value.shape)}"
+    if _is_torch_tensor(value):
+        return f"torch tensor {torch_dtype_name(value.dtype)}{list(value.shape)}"
+    return type(value).__name__
+
+
 def allocate(entry: TensorEntry, path: str, into: Any = None) -> TargetTensor:
-    """Memory for `entry`: the `into` tensor itself when it can take the bytes, else new memory."""
+    """Memory for `entry`: the `into` tensor itself when it can take the bytes (through a
+    staging copy when it is not dense CPU memory), else new memory. Raises StateMismatchError
+    for an `into` tensor that cannot receive `entry` (`target_mismatch`). A numpy scalar is
+    immutable: the loaded tree holds a new one."""
+    if into is not None:
+        why = target_mismatch(entry, into)
+        if why is not None:
+            raise StateMismatchError(f"{path}: {why}", mismatched=[(path, why)])
     if entry.kind == KIND_TORCH:
         return _allocate_torch(entry, path, into)
     return _allocate_numpy(entry, path, into)
@@ -158,17 +205,12 @@ def _allocate_torch(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
     dtype = getattr(torch, entry.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"{path}: torch dtype {entry.dtype} is not available in this torch build")
-    if into is not None and isinstance(into, torch.Tensor):
-        if tuple(into.shape) != entry.shape or into.dtype != dtype:
-            raise StateMismatchError(
-                f"{path}: stored tensor is {entry.dtype}{list(entry.shape)}, "
-                f"target is {torch_dtype_name(into.dtype)}{list(into.shape)}"
-            )
+    if into is not None:
         if into.device.type == "cpu" and _dense(into) and not into.is_conj() and not into.is_neg():
             # Bytes land straight in the caller's tensor: no second copy of the state.
             return TargetTensor(into, _byte_view(into.detach()))
         staging = torch.empty(entry.shape, dtype=dtype)
-        return TargetTensor(into, _byte_view(staging), copy_back=(into.detach(), staging))
+        return TargetTensor(into, _byte_view(staging), copy_back=functools.partial(into.detach().copy_, staging))
     tensor = torch.empty(entry.shape, dtype=dtype)
     return TargetTensor(tensor, _byte_view(tensor))
 
@@ -193,8 +235,10 @@ def _allocate_numpy(entry: TensorEntry, path: str, into: Any) -> TargetTensor:
     if math.prod(entry.shape) * dtype.itemsize != entry.nbytes:
         raise FormatError(f"{path}: segments hold {entry.nbytes} bytes, shape {list(entry.shape)} of {dtype} needs "
                           f"{math.prod(entry.shape) * dtype.itemsize}")
-    if (into is not None and isinstance(into, np.ndarray) and entry.kind == KIND_NUMPY
-            and into.dtype == dtype and into.shape == entry.shape and into.flags.c_contiguous and into.flags.writeable):
+    if isinstance(into, np.ndarray) and into.flags.c_contiguous:
         return TargetTensor(into, _as_bytes(into.reshape(-1).view(np.uint8)))
     array = np.empty(entry.shape, dtype=dtype)
+    if isinstance(into, np.ndarray):  # a strided view: land in staging, then copy into it
+        return TargetTensor(into, _as_bytes(array.reshape(-1).view(np.uint8)),
+                            copy_back=functools.partial(np.copyto, into, array))
     return TargetTensor(array, _as_bytes(array.reshape(-1).view(np.uint8)), as_scalar=entry.kind == KIND_NUMPY_SCALAR)

@@ -61,7 +61,7 @@ def test_load_into_existing_tensors_in_place(store_url: str) -> None:
     target = {"model": {"embed.weight": torch.zeros(300, 257), "head.weight": torch.zeros(257, 64).t()}}
     embed, head = target["model"]["embed.weight"], target["model"]["head.weight"]
     pointer = embed.data_ptr()
-    loaded = store.load(1, into=target)
+    loaded = store.load(1, into=target, strict=False).state  # two of the step's tensors: the rest is allocated
     assert loaded["model"]["embed.weight"] is embed and embed.data_ptr() == pointer
     assert loaded["model"]["head.weight"] is head  # non-contiguous: filled through a staging copy
     assert torch.equal(embed, state["model"]["embed.weight"]) and torch.equal(head, state["model"]["head.weight"])
