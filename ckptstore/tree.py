@@ -6,8 +6,11 @@ Node encoding (msgpack):
 - list: array;  tuple: ext 1 holding a packed array (tuples come back as tuples;
   namedtuples and torch.Size as plain tuples);
 - int (64-bit), float, bool, None, str, bytes: native (bytearray comes back as bytes);
-- tensor or numpy array: ext 2 holding the tensor's index (u32 big-endian) in the manifest.
-Anything else is an UnsupportedValueError at save time naming its path.
+- tensor or numpy array: ext 2 holding the tensor's index (u32 big-endian) in the manifest;
+- torch.dtype, torch.device, pathlib paths, datetime / date / timedelta: ext 3-8
+  (ckptstore/treevalues.py).
+Anything else is an UnsupportedValueError at save time naming its path (and, for an Enum, a
+dataclass or an argparse.Namespace, how to convert it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 import msgpack
 
-from ckptstore.errors import FormatError, UnsupportedValueError
+from ckptstore import treevalues
+from ckptstore.errors import FormatError, UnsupportedFormatError, UnsupportedValueError
 
 EXT_TUPLE = 1
 EXT_TENSOR = 2
@@ -86,9 +90,13 @@ def encode_tree(state: Any, on_tensor: Callable[[tuple[Any, ...], Any], int | No
                 raise UnsupportedValueError(format_path(path), f"tuples nested deeper than {MAX_TUPLE_DEPTH}")
             items = [encode(item, (*path, i), tuples + 1) for i, item in enumerate(value)]
             return msgpack.ExtType(EXT_TUPLE, msgpack.packb(items, use_bin_type=True))
-        raise UnsupportedValueError(
-            format_path(path), f"type {type(value).__module__}.{type(value).__qualname__} is not supported"
-        )
+        where = format_path(path)
+        ext = treevalues.encode_value(value, where)
+        if ext is not None:
+            return ext
+        reason = f"type {type(value).__module__}.{type(value).__qualname__} is not supported"
+        how = treevalues.advice(value)
+        raise UnsupportedValueError(where, f"{reason}; {how}" if how else reason)
 
     try:
         return msgpack.packb(encode(state, ()), use_bin_type=True)
@@ -130,7 +138,11 @@ def _unpack(data: bytes, budget: _Budget, tuple_depth: int = 0) -> Any:
             if not isinstance(items, list):
                 raise FormatError("tuple node does not hold an array")
             return tuple(items)
-        raise FormatError(f"unknown ext type {code} in state tree")
+        decode = treevalues.DECODERS.get(code)
+        if decode is not None:
+            return decode(payload)
+        # Well formed but not known here: a value type added by a newer ckptstore.
+        raise UnsupportedFormatError(f"unknown ext type {code} in state tree (written by a newer ckptstore?)")
 
     size = max(len(data), 1)
     unpacker = msgpack.Unpacker(
@@ -175,7 +187,7 @@ def _check_nodes(node: Any, depth: int) -> None:
     elif isinstance(node, (list, tuple)):
         for value in node:
             _check_nodes(value, depth + 1)
-    elif not isinstance(node, _LEAVES):
+    elif not isinstance(node, _LEAVES) and not treevalues.is_value(node):
         raise FormatError(f"state tree holds a {type(node).__name__}")
 
 

@@ -8,9 +8,11 @@ docs/FORMAT.md ("Changes"). See tests/golden/README.md for what each file holds.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import math
 import os
+import pathlib
 import shutil
 import struct
 import sys
@@ -47,7 +49,7 @@ from ckptstore.manifest import (
     encode_marker,
     encode_ref,
 )
-from ckptstore.tree import TensorRef, decode_tree
+from ckptstore.tree import TensorRef, decode_tree, encode_tree
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 blake3_hex = hasher("blake3")
@@ -350,6 +352,64 @@ def test_golden_store_loads_into_existing_tensors(golden_store_path: Path):
 def test_golden_store_loads_without_verify(golden_store_path: Path):
     with ckptstore.open(golden_store_path, create=False, verify=False) as store:
         _assert_golden_state(store.load(7))
+
+
+# ---------------------------------------------------------------------------------------
+# Config values in a state tree (ext types 3-8, added within format version 1)
+# ---------------------------------------------------------------------------------------
+TREE_VALUES_FILE = bytes.fromhex(
+    "8c"                                                        # map of 12, in this key order
+    "a56474797065" "d703" "62666c6f61743136"                    # "dtype": ext 3, "bfloat16"
+    "a6646576696365" "c70704" "92" "a463756461" "01"            # "device": ext 4, ["cuda", 1]
+    "a3637075" "c70604" "92" "a3637075" "c0"                    # "cpu": ext 4, ["cpu", nil]
+    # "posix": ext 5, ["PurePosixPath", "/data/run1"]
+    "a5706f736978" "c71a05" "92" "ad50757265506f73697850617468" "aa2f646174612f72756e31"
+    # "windows": ext 5, ["PureWindowsPath", "C:\\ckpt\\run1"]
+    "a777696e646f7773" "c71e05" "92" "af5075726557696e646f777350617468" "ac433a5c636b70745c72756e31"
+    # "path": ext 5, ["PosixPath", "ckpts/exp1"]
+    "a470617468" "c71605" "92" "a9506f73697850617468" "aa636b7074732f65787031"
+    # "naive": ext 6, [2024, 5, 17, 13, 45, 30, 123456, fold 0, offset nil, zone name nil]
+    "a56e61697665" "c71106" "9a" "cd07e8" "05" "11" "0d" "2d" "1e" "ce0001e240" "00" "c0" "c0"
+    # "utc": ext 6, [2024, 5, 17, 13, 45, 30, 0, fold 0, offset 0 us, zone name nil]
+    "a3757463" "c70d06" "9a" "cd07e8" "05" "11" "0d" "2d" "1e" "00" "00" "00" "c0"
+    # "ist": ext 6, [2024, 5, 17, 19, 15, 30, 0, fold 0, offset 19800000000 us (+05:30), zone name "IST"]
+    "a3697374" "c71806" "9a" "cd07e8" "05" "11" "13" "0f" "1e" "00" "00" "cf000000049c2c0600" "a3495354"
+    # "fold": ext 6, [2021, 11, 7, 1, 30, 0, 0, fold 1, offset nil, zone name nil]
+    "a4666f6c64" "c70d06" "9a" "cd07e5" "0b" "07" "01" "1e" "00" "00" "01" "c0" "c0"
+    "a464617465" "c70607" "93" "cd07e8" "05" "11"               # "date": ext 7, [2024, 5, 17]
+    "a974696d6564656c7461" "c70608" "93" "ff" "cd0e10" "05"     # "timedelta": ext 8, [days -1, seconds 3600, us 5]
+)
+IST = dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")
+TREE_VALUES = {
+    "dtype": torch.bfloat16,
+    "device": torch.device("cuda", 1),
+    "cpu": torch.device("cpu"),
+    "posix": pathlib.PurePosixPath("/data/run1"),
+    "windows": pathlib.PureWindowsPath("C:\\ckpt\\run1"),
+    "path": pathlib.PosixPath("ckpts/exp1"),
+    "naive": dt.datetime(2024, 5, 17, 13, 45, 30, 123456),
+    "utc": dt.datetime(2024, 5, 17, 13, 45, 30, tzinfo=dt.timezone.utc),
+    "ist": dt.datetime(2024, 5, 17, 19, 15, 30, tzinfo=IST),
+    "fold": dt.datetime(2021, 11, 7, 1, 30, fold=1),
+    "date": dt.date(2024, 5, 17),
+    "timedelta": dt.timedelta(days=-1, seconds=3600, microseconds=5),
+}
+
+
+def test_tree_values_vector():
+    data = _read("tree-values.msgpack")
+    assert data == TREE_VALUES_FILE
+    tree = decode_tree(data)
+    assert list(tree) == list(TREE_VALUES)
+    for name, want in TREE_VALUES.items():
+        got = tree[name]
+        assert type(got) is type(want) and got == want, name
+    assert tree["utc"].tzinfo is dt.timezone.utc
+    assert repr(tree["ist"].tzinfo) == repr(IST) and tree["ist"].tzinfo.tzname(None) == "IST"
+    assert tree["fold"].fold == 1 and tree["naive"].tzinfo is None
+    assert (tree["timedelta"].days, tree["timedelta"].seconds, tree["timedelta"].microseconds) == (-1, 3600, 5)
+    # Encoding the literal values reproduces the bytes exactly.
+    assert encode_tree(TREE_VALUES, lambda _path, _value: None) == data
 
 
 def test_make_golden_reproduces_the_golden_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

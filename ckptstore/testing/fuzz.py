@@ -178,7 +178,9 @@ def seeds(name: str) -> list[bytes]:
         {"a": {"b": {"c": [1, 2, 3]}}, 5: "int key"},
     ]
     if name == "tree":
-        return [msgpack.packb(t, use_bin_type=True) for t in trees]
+        from ckptstore.tree import encode_tree
+
+        return [msgpack.packb(t, use_bin_type=True) for t in trees] + [encode_tree(_config_values(), _no_tensors)]
     if name == "chunk":
         from ckptstore import chunkblob
 
@@ -211,11 +213,30 @@ def seeds(name: str) -> list[bytes]:
             encode_manifest(Manifest(0, 0.0, None, msgpack.packb({}), (), ()))]
 
 
+def _config_values() -> dict[str, Any]:
+    """One value of each config ext type of the state tree (ckptstore/treevalues.py)."""
+    import datetime as dt
+    import pathlib
+
+    import torch
+
+    zone = dt.timezone(dt.timedelta(hours=-3, seconds=7), "X")
+    return {"dtype": torch.float8_e4m3fn, "device": [torch.device("cuda", 3), torch.device("cpu")],
+            "paths": (pathlib.PurePosixPath("/a/b"), pathlib.PureWindowsPath("C:\\x"), pathlib.Path("rel")),
+            "when": [dt.datetime(2024, 2, 29, 23, 59, 59, 999999, fold=1), dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc),
+                     dt.datetime(9999, 12, 31, tzinfo=zone)],
+            "date": dt.date(2000, 1, 1), "delta": dt.timedelta(days=-5, seconds=1, microseconds=2)}
+
+
+def _no_tensors(_path: tuple[Any, ...], _value: Any) -> None:
+    return None
+
+
 def golden_seeds(name: str) -> list[bytes]:
     """The golden vectors under tests/golden/, when run from a source checkout."""
     golden = Path(__file__).resolve().parents[2] / "tests" / "golden"
     files = {"ref": ["ref.msgpack"], "marker": ["marker.msgpack"],
-             "chunk": ["chunk-none.blob", "chunk-zstd.blob", "chunk-shuffle.blob"]}
+             "chunk": ["chunk-none.blob", "chunk-zstd.blob", "chunk-shuffle.blob"], "tree": ["tree-values.msgpack"]}
     found = [(golden / f).read_bytes() for f in files.get(name, []) if (golden / f).is_file()]
     if name == "manifest":
         found += [p.read_bytes() for p in (golden / "store-v1" / "manifests").glob("*/*") if p.is_file()]
@@ -272,8 +293,10 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
     if kind == 5:
         return rng.choice([True, False])
     if kind == 6:
+        # Ext types 3-8 (config values) hold a packed array of a few scalars.
+        fields = msgpack.packb([_random_value(rng, 4) for _ in range(rng.choice([2, 3, 10]))], use_bin_type=True)
         return rng.choice([msgpack.ExtType(rng.choice([0, 1, 2, 3, 127]), rng.randbytes(rng.choice([0, 4, 8]))),
-                           msgpack.Timestamp(1, 0)])
+                           msgpack.ExtType(rng.randint(3, 9), fields), msgpack.Timestamp(1, 0)])
     if kind == 7:
         return rng.randint(-5, 300)
     if kind in (8, 9):

@@ -18,6 +18,8 @@ payload of chunk-zstd.blob, which depends on the libzstd version).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import pathlib
 import shutil
 import types
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ import ckptstore.manifest
 from ckptstore.chunkblob import Compression, ElementType, encode_chunk
 from ckptstore.chunking import ChunkingPolicy
 from ckptstore.manifest import Marker, Ref, encode_marker, encode_ref
+from ckptstore.tree import encode_tree
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,6 +61,29 @@ REF = Ref(
     seq=2,
     replaces="fedcba9876543210" * 4,
 )
+
+# -- config values in a state tree (ext types 3-8) ----------------------------------------
+TREE_VALUES_FILE = "tree-values.msgpack"
+
+
+def tree_values() -> dict[str, Any]:
+    """One value of each config ext type, as a state tree (no tensors). `path` is a PosixPath
+    where the vectors are made (POSIX)."""
+    return {
+        "dtype": torch.bfloat16,
+        "device": torch.device("cuda", 1),
+        "cpu": torch.device("cpu"),
+        "posix": pathlib.PurePosixPath("/data/run1"),
+        "windows": pathlib.PureWindowsPath("C:\\ckpt\\run1"),
+        "path": pathlib.Path("ckpts/exp1"),
+        "naive": dt.datetime(2024, 5, 17, 13, 45, 30, 123456),
+        "utc": dt.datetime(2024, 5, 17, 13, 45, 30, tzinfo=dt.timezone.utc),
+        "ist": dt.datetime(2024, 5, 17, 19, 15, 30, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30), "IST")),
+        "fold": dt.datetime(2021, 11, 7, 1, 30, fold=1),
+        "date": dt.date(2024, 5, 17),
+        "timedelta": dt.timedelta(days=-1, seconds=3600, microseconds=5),
+    }
+
 
 # -- the golden store ---------------------------------------------------------------------
 STORE_DIR = "store-v1"
@@ -122,6 +148,7 @@ def generate(out: Path) -> None:
                                                     CHUNK_SHUFFLE_ELEMENT))
     (out / "marker.msgpack").write_bytes(encode_marker(MARKER))
     (out / "ref.msgpack").write_bytes(encode_ref(REF))
+    (out / TREE_VALUES_FILE).write_bytes(encode_tree(tree_values(), lambda _path, _value: None))
 
     root = out / STORE_DIR
     if root.exists():
