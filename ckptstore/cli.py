@@ -360,7 +360,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
         # A new destination store gets the source's hash algorithm, so keys stay the same.
         with ckptstore.open(args.dst, hash_algorithm=src.marker.hash_algorithm) as dst:
             report = copy_steps(src, dst, steps, overwrite=args.overwrite, skip_existing=args.skip_existing,
-                                progress=True)
+                                progress=True, tags=not args.no_tags)
     if args.json:
         print_json(report.as_dict())
         return EXIT_OK
@@ -368,6 +368,8 @@ def cmd_cp(args: argparse.Namespace) -> int:
           + f" from {redact(report.src)} to {redact(report.dst)}: {report.chunks_copied} chunks, "
           f"{human_bytes(report.bytes_copied)} transferred, {report.chunks_skipped} chunks already there "
           f"({report.seconds:.1f}s)")
+    if report.tags:
+        print(f"tagged {len(report.tags)}: {', '.join(report.tags)}")
     return EXIT_OK
 
 
@@ -630,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = cp.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="atomically replace steps that exist in DST")
     mode.add_argument("--skip-existing", action="store_true", help="leave steps that exist in DST as they are")
+    cp.add_argument("--no-tags", action="store_true",
+                    help="do not copy the source's tags (default: tags naming copied steps are copied too)")
     cp.add_argument("--json", action="store_true", help="print JSON for scripts")
     cp.set_defaults(run=cmd_cp)
 

@@ -215,3 +215,14 @@ def test_du_plot_without_matplotlib_says_how_to_install_it(store_path: str, tmp_
     assert not (tmp_path / "p.png").exists()
     bad = run_cli("du", store_path, "--plot", "")
     assert bad.returncode == EXIT_USAGE and "--plot" in bad.stderr
+
+
+def test_cp_copies_tags_unless_no_tags(store_path: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckptstore.open(store_path).tag("best", 100)
+    assert main(["cp", store_path, str(tmp_path / "with")]) == EXIT_OK
+    assert "tagged 1: best" in capsys.readouterr().out
+    assert ckptstore.open(str(tmp_path / "with")).tags() == {"best": 100}
+    assert main(["cp", store_path, str(tmp_path / "without"), "--no-tags", "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["tags"] == []
+    without = ckptstore.open(str(tmp_path / "without"))
+    assert without.steps() == [100, 200] and without.tags() == {}

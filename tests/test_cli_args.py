@@ -21,7 +21,7 @@ COMMANDS = {  # command -> its flags (demo trains a model: only its argument err
     "verify": ["--deep", "--json"],
     "du": ["--history", "--plot", "--json"],
     "diff": ["--values", "--all", "--json"],
-    "cp": ["--steps", "--overwrite", "--skip-existing", "--json"],
+    "cp": ["--steps", "--overwrite", "--skip-existing", "--no-tags", "--json"],
     "export": ["--format", "--max-shard-size", "--trust-pickle", "--json"],
     "import": ["--overwrite", "--json"],
     "gc": ["--dry-run", "--min-age", "--json"],
