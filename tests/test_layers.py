@@ -156,7 +156,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # Operator tools and the package's front door.
     "tools": ("verify", "report", "copy", "interop", "display", "demo", "cli", ""),
     # Trainer integrations: each imports its trainer's package and the store's DCP layer.
-    "integrations": ("integrations", "integrations.olmo_core", "integrations.torchtitan"),
+    "integrations": ("integrations", "integrations.olmo_core", "integrations.torchtitan", "integrations.lightning",
+                     "integrations.transformers"),
     # Test kits shipped with the package.
     "testing": ("testing", "testing.conformance", "testing.crash", "testing.faults", "testing.fuzz",
                 "testing.interleave", "testing.load", "testing.scenarios", "testing.servers", "testing.soak",
