@@ -60,6 +60,15 @@ Import (`import_checkpoint`) saves a foreign checkpoint as a step:
   ``torch.load(weights_only=True)``. DCP flattens dict keys to strings, so int keys (an
   optimizer's ``state``) come back as ``"0"``, ``"1"``, ...
 
+- a Hugging Face Trainer ``checkpoint-N/`` directory (it has ``trainer_state.json``): one
+  tree keyed by file name (`read_trainer_dir`): ``model.safetensors`` as its tensors,
+  ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` (and ``pytorch_model.bin``) through
+  ``torch.load(weights_only=True)``, ``*.json`` parsed, other files as bytes (also
+  ``training_args.bin``, a pickled TrainingArguments object: kept, never unpickled).
+  ``rng_state.pth`` holds numpy's RNG state, which ``weights_only`` refuses; exactly the
+  globals it names are admitted (numpy's array rebuilder ``_reconstruct``, ``ndarray``,
+  ``dtype`` and the uint32 dtype class), for every torch.save file.
+
 Importing a torch.save file or a DCP directory necessarily goes through a (restricted)
 unpickler; ckptstore's own read path never unpickles anything.
 """
@@ -356,15 +365,17 @@ def export_dcp(store: Store, step: int, path: str | os.PathLike[str], *, trust_p
 
 # -- import -----------------------------------------------------------------------------------
 def detect_format(source: str | os.PathLike[str]) -> str:
-    """'safetensors', 'safetensors-index', 'dcp' or 'torch' for a checkpoint at `source`."""
+    """'safetensors', 'safetensors-index', 'dcp', 'hf-trainer' or 'torch' for a checkpoint at `source`."""
     path = Path(source)
     if path.is_dir():
         if (path / ".metadata").is_file():
             return "dcp"
+        if (path / TRAINER_STATE).is_file():
+            return "hf-trainer"
         if _index_file(path) is not None:
             return "safetensors-index"
-        raise InteropError(f"{path}: a directory without a DCP .metadata file or a *.safetensors.index.json; "
-                           f"cannot tell what checkpoint it holds")
+        raise InteropError(f"{path}: a directory without a DCP .metadata file, a *.safetensors.index.json or a "
+                           f"Hugging Face Trainer {TRAINER_STATE}; cannot tell what checkpoint it holds")
     if not path.is_file():
         raise InteropError(f"{path}: no such file or directory")
     if path.suffix == ".safetensors" or _looks_like_safetensors(path):
@@ -441,11 +452,22 @@ def _load_safetensors_index(directory: Path) -> tuple[Any, Any]:
     return _state_from_safetensors(ordered, meta)
 
 
+def _numpy_rng_globals() -> list[Any]:
+    """What a pickled numpy RNG state (`np.random.get_state()`, in a Trainer's rng_state.pth)
+    names: the array rebuilder, ndarray, dtype and uint32's dtype class. Data types only:
+    `_reconstruct` makes an empty array of a given class, which must itself be admitted."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def _load_torch_file(path: Path) -> Any:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InteropError(f"{path}: torch.load(weights_only=True) refused it: the file holds objects other than "
                            f"tensors, containers and plain values, which only an unrestricted unpickler (running "
@@ -546,6 +568,67 @@ def _load_dcp(directory: Path) -> Any:
     return state
 
 
+# -- Hugging Face Trainer checkpoint-N/ directories -------------------------------------------
+TRAINER_STATE = "trainer_state.json"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+# A pickled TrainingArguments object: kept as its bytes, never unpickled (the Trainer does not read it on resume).
+_TRAINING_ARGS = "training_args.bin"
+
+
+def read_trainer_dir(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Trainer `checkpoint-N/` directory as a tree keyed by file name: `*.safetensors` as
+    {tensor name: tensor}, `*.json` parsed, `*.pt`/`*.pth`/`*.bin` (optimizer, scheduler,
+    rng_state, pytorch_model.bin) through `torch.load(weights_only=True)` with the numpy RNG
+    globals admitted, any other file (tokenizer files; training_args.bin, a pickled object) as
+    bytes. Raises
+    InteropError for a subdirectory or a file it cannot read."""
+    root = Path(directory)
+    files: dict[str, Any] = {}
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            raise InteropError(f"{path}: a subdirectory in a Trainer checkpoint is not supported")
+        if path.suffix == ".safetensors":
+            files[path.name] = _read_safetensors(path)[0]
+        elif path.suffix == ".json":
+            try:
+                files[path.name] = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise InteropError(f"{path}: not valid JSON: {exc}") from exc
+        elif path.suffix in _TORCH_SUFFIXES and path.name != _TRAINING_ARGS:
+            files[path.name] = _load_torch_file(path)
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def write_trainer_dir(files: dict[str, Any], directory: str | os.PathLike[str]) -> Path:
+    """Write a tree from `read_trainer_dir` back as the directory the Trainer reads on resume
+    (under a temporary name, then renamed over `directory`, which may exist)."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = Path(directory)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, content in files.items():
+        if Path(name).name != name or name in (".", ".."):
+            raise InteropError(f"{name!r}: a Trainer checkpoint file name must not hold a path")
+        path = staging / name
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in content.items()}, str(path), metadata={"format": "pt"})
+        elif name.endswith(".json"):
+            path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        elif name.endswith(_TORCH_SUFFIXES) and not isinstance(content, bytes):
+            torch.save(content, path)
+        else:
+            path.write_bytes(content)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
 def read_checkpoint(source: str | os.PathLike[str]) -> tuple[Any, str, Any]:
     """(state, detected format, ckptstore metadata of an exported file or None)."""
     kind = detect_format(source)
@@ -559,6 +642,8 @@ def read_checkpoint(source: str | os.PathLike[str]) -> tuple[Any, str, Any]:
         return state, kind, exported
     if kind == "dcp":
         return _load_dcp(path), kind, None
+    if kind == "hf-trainer":
+        return read_trainer_dir(path), kind, None
     return _load_torch_file(path), kind, None
 
 
@@ -572,5 +657,5 @@ def import_checkpoint(store: Store, step: int, source: str | os.PathLike[str], *
     return store.save(step, state, overwrite=overwrite, metadata=exported if metadata is None else metadata)
 
 
-__all__ = ["INDEX_NAME", "InteropError", "detect_format", "export_dcp", "export_safetensors", "import_checkpoint",
-           "read_checkpoint"]
+__all__ = ["INDEX_NAME", "TRAINER_STATE", "InteropError", "detect_format", "export_dcp", "export_safetensors",
+           "import_checkpoint", "read_checkpoint", "read_trainer_dir", "write_trainer_dir"]

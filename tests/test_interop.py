@@ -394,3 +394,50 @@ def test_sharded_dcp_checkpoint_of_two_ranks_round_trips(tmp_path: Path, monkeyp
         report = json.loads(Path(tmp, f"load-{rank}.json").read_text())
         assert report["full"] == full.tolist() and report["local"] == full[rank * 4:rank * 4 + 4].tolist()
         assert report["b"] == [3.0, 3.0] and report["step"] == 11
+
+
+def _trainer_checkpoint(directory: Path) -> dict[str, Any]:
+    """A Hugging Face Trainer checkpoint-N/ directory as the Trainer 5.x writes it (the files a
+    resume reads), made without transformers: the RNG file holds numpy's RNG state."""
+    import random
+
+    directory.mkdir()
+    model = {"wte.weight": torch.randn(8, 4), "ln_f.bias": torch.zeros(4)}
+    save_file(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    optimizer = {"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.randn(8, 4)}},
+                 "param_groups": [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0, 1]}]}
+    torch.save(optimizer, directory / "optimizer.pt")
+    torch.save({"base_lrs": [0.01], "last_epoch": 4}, directory / "scheduler.pt")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+    torch.save(rng, directory / "rng_state.pth")
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": [{"loss": 3.5}]}))
+    (directory / "training_args.bin").write_bytes(pickle.dumps({"output_dir": "x"}))
+    return {"model": model, "optimizer": optimizer, "rng": rng}
+
+
+def test_import_a_trainer_checkpoint_directory_admits_numpy_rng_state(tmp_path: Path) -> None:
+    """rng_state.pth was refused by weights_only (numpy globals); exactly those are admitted."""
+    made = _trainer_checkpoint(tmp_path / "checkpoint-4")
+    assert detect_format(tmp_path / "checkpoint-4") == "hf-trainer"
+    store = ckptstore.open(tmp_path / "store")
+    import_checkpoint(store, 4, tmp_path / "checkpoint-4")
+    state = store.load(4)
+    assert sorted(state) == ["model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt",
+                             "trainer_state.json", "training_args.bin"]
+    assert all(torch.equal(state["model.safetensors"][k], v) for k, v in made["model"].items())
+    assert torch.equal(state["optimizer.pt"]["state"][0]["exp_avg"], made["optimizer"]["state"][0]["exp_avg"])
+    assert state["rng_state.pth"]["python"] == made["rng"]["python"]
+    kind, keys, pos, has_gauss, gauss = state["rng_state.pth"]["numpy"]
+    assert (kind, pos, has_gauss, gauss) == (made["rng"]["numpy"][0], *made["rng"]["numpy"][2:])
+    assert np.array_equal(keys, made["rng"]["numpy"][1])
+    assert state["trainer_state.json"]["global_step"] == 4
+    assert state["training_args.bin"] == pickle.dumps({"output_dir": "x"})  # kept as bytes, never unpickled
+
+
+def test_numpy_globals_beyond_the_rng_state_stay_refused(tmp_path: Path) -> None:
+    """Only what numpy's RNG state names is admitted: a numpy Generator (a BitGenerator
+    constructor) and an object array (arbitrary objects inside) are still refused."""
+    for name, value in [("generator.pt", np.random.default_rng(0)), ("objects.pt", np.array([Path("x")]))]:
+        torch.save(value, tmp_path / name)
+        with pytest.raises(InteropError, match="weights_only=True"):
+            import_checkpoint(ckptstore.open(tmp_path / "store"), 1, tmp_path / name)
