@@ -93,6 +93,10 @@ def _error_code(exc: Any) -> tuple[str, int]:
     return _response_codes(getattr(exc, "response", None) or {})
 
 
+# Key in botocore's request context (shared by the tries of one call): the last exception a try raised.
+_LAST_FAILURE = "ckptstore_last_failure"
+
+
 class _DeadlinePassed(Exception):
     """Raised from botocore's event hooks to stop an operation whose deadline passed; turned
     into a TransientError naming the endpoint by `translate_errors`. Not a botocore error, so
@@ -237,18 +241,23 @@ class S3Backend(Backend):
     def _before_send(self, request: Any, **_: Any) -> None:
         """botocore is about to send a request (a first try or a retry) of one of our operations."""
         left = seconds_left()
+        context = getattr(request, "context", None)
+        context = context if isinstance(context, dict) else {}
         if left is None:
             return
-        if left <= 0:
-            raise _DeadlinePassed(None)
-        context = getattr(request, "context", None)
-        if isinstance(context, dict):  # botocore's per-request read timeout
-            context["read_timeout"] = min(self._read_timeout, left)
+        if left <= 0:  # a retry whose backoff ended past the deadline
+            raise _DeadlinePassed(context.get(_LAST_FAILURE))
+        context["read_timeout"] = min(self._read_timeout, left)  # botocore's per-request read timeout
 
-    def _before_retry(self, caught_exception: BaseException | None = None, response: Any = None, **_: Any) -> None:
+    def _before_retry(self, caught_exception: BaseException | None = None, response: Any = None,
+                      request_dict: Any = None, **_: Any) -> None:
         """botocore is deciding whether to retry: a failure past the deadline is final."""
+        if isinstance(caught_exception, _DeadlinePassed):
+            return
+        if caught_exception is not None and isinstance(request_dict, dict) and "context" in request_dict:
+            request_dict["context"][_LAST_FAILURE] = caught_exception  # one context for all tries of a call
         left = seconds_left()
-        if left is None or left > 0 or isinstance(caught_exception, _DeadlinePassed):
+        if left is None or left > 0:
             return
         if caught_exception is not None or _retryable_response(response):
             raise _DeadlinePassed(caught_exception)

@@ -116,3 +116,14 @@ def test_an_inner_deadline_never_outlasts_an_outer_one() -> None:
             left = seconds_left()
             assert left is not None and left <= 1
     assert seconds_left() is None
+
+
+def test_a_deadline_that_passes_during_an_sdk_backoff_reports_the_last_error(refused: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptstore.backends.s3 import S3Backend
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "h5-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    backend = S3Backend("bucket", "run", endpoint_url=refused, deadline=0.05)  # boto3's first backoff outlasts it
+    with pytest.raises(TransientError, match=r"within the 0\.05 s deadline \(the last try: EndpointConnectionError\)"):
+        backend.head("CKPTSTORE")
