@@ -1,6 +1,12 @@
-"""`python -m benchmarks`: see benchmarks/run.py and benchmarks/README.md."""
+"""`python -m benchmarks`: see benchmarks/run.py and benchmarks/README.md.
+`python -m benchmarks --integrations ...`: the trainer integrations (benchmarks/integrations.py)."""
 
 import sys
+
+if "--integrations" in sys.argv[1:]:
+    from benchmarks.integrations import main as integrations_main
+
+    sys.exit(integrations_main([a for a in sys.argv[1:] if a != "--integrations"]))
 
 from benchmarks.run import main
 

@@ -52,3 +52,24 @@ def test_quick_local_run_writes_every_row(tmp_path: Path) -> None:
     assert resave["growth_bytes"]["median"] > 0
     assert "model fp32" in proc.stdout and "local-load" in proc.stdout  # the printed table
     assert data["meta"]["cache_drop"].startswith("posix_fadvise")
+
+
+def test_integrations_times_lightning_save_and_resume(tmp_path: Path) -> None:
+    """`--integrations`: the Lightning row has all four ops timed and both ratios; an unknown
+    integration name is a usage error naming the known ones."""
+    out = tmp_path / "integrations.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--integrations", "--runs", "1", "--which", "lightning",
+         "--tmp", str(tmp_path), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["integration"] == "lightning" and row["status"] == "ok", row
+    assert all(row["seconds"][op] > 0 for op in ("own_save", "store_save", "own_resume", "store_resume"))
+    assert row["save_ratio"] == row["seconds"]["store_save"] / row["seconds"]["own_save"]
+    assert "| lightning |" in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["integrations.json"]  # scratch removed
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--integrations", "--which", "nope"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown integration(s) nope; known: lightning, " in bad.stderr
