@@ -44,6 +44,7 @@ from ckptstore.errors import (
     InsufficientMemoryError,
     IntegrityError,
     InvalidArgumentError,
+    InvalidKeyError,
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
@@ -389,6 +390,12 @@ class StoreKernel:
         it will reference exists, re-check after any sweep, then the conditional put.
         """
         key = keys.tag_ref_key(name)
+        if name == "latest" or _STEP_NUMBER.fullmatch(name):
+            # Every STEP argument (load, reader, the CLI) reads these as step numbers or the
+            # newest step, so such a tag could never be named again: refuse it up front.
+            raise InvalidKeyError(f"invalid tag name {name!r}: a STEP argument reads it as "
+                                  f"{'the newest step' if name == 'latest' else 'step ' + str(int(name))}; "
+                                  f"use a name with a letter in it")
         self._require_store()  # a tag names a committed step: there is nothing to create
         ensure_conditional_writes(self.backend)
         epoch_at_start, _ = read_epoch(self.backend)
@@ -496,8 +503,8 @@ class StoreKernel:
     def _resolve(self, step: int | str | None) -> int | str:
         """The step number or tag name `step` means, as the CLI reads a STEP: None or "latest"
         the newest committed step, an int or a str of ASCII digits ("2", "002") that step, any
-        other str the tag of that name. Tag names may be all digits or "latest" (keys.py allows
-        them), but the step reading wins: such a tag is loaded by its step,
+        other str the tag of that name. `tag()` refuses such names; a store written before it
+        did may hold one, and the step reading wins: it is loaded by its step,
         ``load(store.ref("2").step)``. Raises StepNotFoundError (an empty store) and
         InvalidStepError."""
         if step is None or step == "latest":

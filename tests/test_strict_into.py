@@ -228,12 +228,25 @@ def test_a_str_of_digits_is_a_step_number_latest_the_newest_other_strs_tags(stor
         store.load("\uff12")  # a non-ASCII digit is no step number, and no tag name either
 
 
+def test_tag_refuses_names_that_a_step_argument_reads_as_a_step(store: ckptstore.Store) -> None:
+    store.save(1, {"step": 1})
+    for name, meaning in (("7", "step 7"), ("007", "step 7"), ("latest", "the newest step")):
+        with pytest.raises(ckptstore.InvalidKeyError, match=f"reads it as {meaning}"):
+            store.tag(name, 1)
+    assert store.tags() == {}
+    store.tag("v7", 1)  # a letter makes it a tag name
+    assert store.tags() == {"v7": 1}
+
+
 def test_a_tag_named_like_a_number_is_loaded_by_its_step(store: ckptstore.Store) -> None:
-    """keys.py allows the tag names "7" and "latest"; the step reading wins, as in the CLI."""
+    """A store written before tag() refused such names may hold the tags "7" and "latest"
+    (keys.py allows them): the step reading wins, as in the CLI."""
     store.save(1, {"step": 1})
     store.save(2, {"step": 2})
-    store.tag("7", 1)
-    store.tag("latest", 1)
+    store.tag("old", 1)
+    ref_bytes = store.backend.get("refs/tags/old").data
+    for name in ("7", "latest"):  # as an older ckptstore wrote them
+        store.backend.put(f"refs/tags/{name}", ref_bytes)
     with pytest.raises(ckptstore.StepNotFoundError, match="step 7 not found"):
         store.load("7")
     assert store.load("latest") == {"step": 2}
