@@ -192,8 +192,9 @@ def _check_olmo(tmp: str, world: int, url: str) -> None:
         assert r["metadata"] == {"run": "olmo"}
         # 2 tensors per rank + the replicated one, stored once
         assert r["tensors"] == 2 * world + 1
-    # Rank 0 put the manifests while all ranks still held their save leases (3 saves that wrote one).
-    assert reports[0]["leases_at_manifest"] == [world, world, world]
+    # Rank 0 put the manifests while all ranks still held their save leases: the first save's
+    # and the overwrite's. The refused rerun put none (it is refused before any write).
+    assert reports[0]["leases_at_manifest"] == [world, world]
     assert all(r["leases_at_manifest"] == [] for r in reports[1:])
     store = ckptstore.open(url, create=False)
     assert store.steps() == [0] and store.ref(0).seq == 2
