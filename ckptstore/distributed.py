@@ -29,8 +29,9 @@ so every rank leaves each phase together):
    broadcast, i.e. until after the commit.
 
 Loading afterwards: `store.load(step)` on any rank returns the whole committed union (every
-rank's leaves, replicated ones once); `store.load(step, into=own_state)` fills the tensors of
-this rank's own state in place and returns the union with them. Once save has returned on a
+rank's leaves, replicated ones once); `store.load(step, into=own_state, strict=False)` fills
+the tensors of this rank's own state in place and returns the union with them (not strict:
+the step also holds the other ranks' tensors; `select=` reads only some). Once save has returned on a
 rank the commit is visible to it, so `load()` of the latest step works on every rank.
 
 Every rank of the group must call save: a default group makes `Store.save` distributed, so a
