@@ -441,3 +441,13 @@ def test_numpy_globals_beyond_the_rng_state_stay_refused(tmp_path: Path) -> None
         torch.save(value, tmp_path / name)
         with pytest.raises(InteropError, match="weights_only=True"):
             import_checkpoint(ckptstore.open(tmp_path / "store"), 1, tmp_path / name)
+
+
+def test_cli_import_of_a_trainer_checkpoint_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptstore.cli import EXIT_OK, main
+
+    _trainer_checkpoint(tmp_path / "checkpoint-4")
+    assert main(["import", "--json", str(tmp_path / "store"), "4", str(tmp_path / "checkpoint-4")]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "hf-trainer" and report["step"] == 4
+    assert ckptstore.open(tmp_path / "store").load(4)["trainer_state.json"]["global_step"] == 4
