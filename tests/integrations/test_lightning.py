@@ -235,3 +235,20 @@ def test_ddp_two_processes_save_from_rank_0_and_resume(tmp_path: Path, s3_bucket
         assert_same(uninterrupted[part], again[part], part)
     assert_same(uninterrupted["state_dict"], dict(resumed.state_dict()), "weights")
     assert not torch.equal(again["state_dict"]["net.0.weight"], fresh_model().state_dict()["net.0.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp2_strategy_runner_resumes_from_the_store(tmp_path: Path) -> None:
+    """StoreModelParallelStrategy (FSDP2, DTensor) through examples/trainers/lightning_store.py:
+    2 gloo processes save steps 2 and 4; a second Trainer resumes at step 4, runs 2 steps; the
+    stored step 4 equals the first run's final (gathered) weights."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "examples/trainers/lightning_store.py"), str(tmp_path / "store")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=540,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps in the store: [2, 4, 6]; second run: 2 steps run, ended at global step 6" in proc.stdout
+    assert "step 4 in the store equals the first run's final weights: True" in proc.stdout
