@@ -49,7 +49,6 @@ import itertools
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -60,7 +59,7 @@ from ckptstore.deadline import (
     DEFAULT_DEADLINE,
     capped,
     check_seconds,
-    deadline_at,
+    deadline_in,
     endpoint_name,
     out_of_time,
     seconds_left,
@@ -376,7 +375,7 @@ class GCSBackend(Backend):
     def _errors(self, key: str | None, operation: str, mode: PutMode | None = None) -> Iterator[None]:
         """The block of one operation: its deadline starts (`_timeouts` and `_call_retry` read
         what is left of it), and failures become typed errors (see `translate_error`)."""
-        with deadline_at(time.monotonic() + self.deadline):
+        with deadline_in(self.deadline):
             try:
                 yield
             except Exception as exc:

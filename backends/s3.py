@@ -43,9 +43,10 @@ from ckptstore.deadline import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DEADLINE,
     check_seconds,
-    deadline_at,
+    deadline_in,
     endpoint_name,
     out_of_time,
+    progressed,
     seconds_left,
 )
 from ckptstore.errors import (
@@ -234,7 +235,7 @@ class S3Backend(Backend):
     def _errors(self, key: str, operation: str, mode: PutMode | None = None) -> contextlib.ExitStack:
         """The block of one operation: its deadline starts, and failures become typed errors."""
         stack = contextlib.ExitStack()
-        stack.enter_context(deadline_at(time.monotonic() + self.deadline))
+        stack.enter_context(deadline_in(self.deadline))
         stack.enter_context(translate_errors(key, operation, mode, endpoint=self.endpoint, deadline=self.deadline))
         return stack
 
@@ -426,6 +427,7 @@ class S3Backend(Backend):
                     response = self._writer(key).upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id,
                                                              PartNumber=number, Body=piece)
                     done.append({"PartNumber": number, "ETag": response["ETag"]})
+                    progressed()  # the deadline bounds a wait, not the whole upload
                 result = self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done})
                 return str(result["ETag"])

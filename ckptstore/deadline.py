@@ -7,7 +7,9 @@ refused, 124 s never answering, against a documented 60 s). Now the outermost la
 moment the operation must end (`deadline_at`), and the layers below read what is left
 (`seconds_left`): no request, SDK retry or ckptstore retry starts after it, and no request
 waits longer than what is left for an answer. A transfer that keeps receiving or sending
-bytes is not cut: timeouts bound silence, not transfer time.
+bytes is not cut: timeouts bound silence, not transfer time. An operation made of several
+requests (a multipart upload) calls `progressed()` after each one that lands, which starts
+every enclosing deadline again: the deadline bounds a wait without progress, not a transfer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ckptstore.errors import InvalidArgumentError, TransientError
@@ -25,7 +28,22 @@ DEFAULT_DEADLINE = 60.0
 #: Seconds to wait for a TCP connection (storage option `connect_timeout`).
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
-_ENDS_AT: ContextVar[float | None] = ContextVar("ckptstore_operation_ends_at", default=None)
+
+@dataclass
+class _Deadline:
+    ends_at: float  # time.monotonic()
+    seconds: float
+    outer: _Deadline | None
+
+
+_CURRENT: ContextVar[_Deadline | None] = ContextVar("ckptstore_operation_deadline", default=None)
+
+
+def _chain() -> Iterator[_Deadline]:
+    node = _CURRENT.get()
+    while node is not None:
+        yield node
+        node = node.outer
 
 
 def check_seconds(name: str, value: float | None, *, optional: bool = False) -> None:
@@ -37,21 +55,33 @@ def check_seconds(name: str, value: float | None, *, optional: bool = False) -> 
 
 
 @contextlib.contextmanager
-def deadline_at(moment: float) -> Iterator[None]:
-    """Within the block, operations must end by `moment` (a `time.monotonic()` value). An
-    enclosing deadline that ends earlier stays in force."""
-    outer = _ENDS_AT.get()
-    token = _ENDS_AT.set(moment if outer is None else min(outer, moment))
+def deadline_at(since: float, seconds: float) -> Iterator[None]:
+    """Within the block, operations must end `seconds` after `since` (a `time.monotonic()`
+    value), or after their last `progressed()`. An enclosing deadline that ends earlier stays
+    in force."""
+    token = _CURRENT.set(_Deadline(since + seconds, seconds, _CURRENT.get()))
     try:
         yield
     finally:
-        _ENDS_AT.reset(token)
+        _CURRENT.reset(token)
+
+
+def deadline_in(seconds: float) -> contextlib.AbstractContextManager[None]:
+    """`deadline_at` from now."""
+    return deadline_at(time.monotonic(), seconds)
 
 
 def seconds_left() -> float | None:
     """Seconds until the current operation's deadline (negative once passed), or None outside one."""
-    moment = _ENDS_AT.get()
-    return None if moment is None else moment - time.monotonic()
+    ends = [node.ends_at for node in _chain()]
+    return min(ends) - time.monotonic() if ends else None
+
+
+def progressed() -> None:
+    """A request of the current operation landed: every enclosing deadline starts again."""
+    now = time.monotonic()
+    for node in _chain():
+        node.ends_at = now + node.seconds
 
 
 def capped(timeout: float) -> float:

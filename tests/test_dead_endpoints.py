@@ -16,11 +16,13 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 import ckptstore
-from ckptstore.deadline import DEFAULT_DEADLINE, deadline_at, endpoint_name, seconds_left
+from ckptstore.deadline import DEFAULT_DEADLINE, deadline_at, endpoint_name, progressed, seconds_left
 from ckptstore.errors import InvalidArgumentError, TransientError
 
 DEADLINE = 1.5
@@ -106,16 +108,44 @@ def test_an_endpoint_is_named_without_user_info_path_or_query() -> None:
     assert endpoint_name("") == "an unnamed endpoint"
 
 
-def test_an_inner_deadline_never_outlasts_an_outer_one() -> None:
+def test_an_inner_deadline_never_outlasts_an_outer_one_and_progress_renews_both() -> None:
     assert seconds_left() is None
-    with deadline_at(time.monotonic() + 10):
-        with deadline_at(time.monotonic() + 100):
+    now = time.monotonic()
+    with deadline_at(now, 10):
+        with deadline_at(now, 100):
             left = seconds_left()
             assert left is not None and left <= 10
-        with deadline_at(time.monotonic() + 1):
+        with deadline_at(now - 5, 1):  # passed 4 s ago
             left = seconds_left()
-            assert left is not None and left <= 1
+            assert left is not None and left < 0
+            progressed()  # a part of the operation landed: both deadlines start again
+            left = seconds_left()
+            assert left is not None and 0 < left <= 1
+        left = seconds_left()
+        assert left is not None and left <= 10
     assert seconds_left() is None
+
+
+def test_a_multipart_upload_longer_than_the_deadline_completes_while_parts_land(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each part takes 0.6 of the deadline on a fake clock: the upload as a whole outlasts it,
+    no single wait does."""
+    import ckptstore.deadline
+    from ckptstore.backends.s3 import S3Backend
+
+    clock = [time.monotonic()]
+    monkeypatch.setattr(ckptstore.deadline, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    backend = S3Backend(s3_bucket, "multipart", multipart_threshold=5 << 20, part_size=5 << 20, deadline=10.0)
+    upload_part = backend._data_client.upload_part
+
+    def slow_part(**kwargs: Any) -> Any:
+        clock[0] += 6.0
+        return upload_part(**kwargs)
+
+    monkeypatch.setattr(backend._data_client, "upload_part", slow_part)
+    data = bytes(range(256)) * (12 << 12)  # 12 MiB: three parts, 18 s on the fake clock
+    backend.put("chunks/big", data)
+    assert backend.get("chunks/big").data == data
 
 
 def test_a_deadline_that_passes_during_an_sdk_backoff_reports_the_last_error(refused: str,
