@@ -6,8 +6,9 @@ The converse has one gap: small tensors are packed together into shared chunks, 
 of them changes, its pack's digest changes for all of them. Such a tensor counts as changed and
 is marked `packed` (its own bytes may be equal); `values=True` reads it and settles it.
 
-`values=True` also reads the changed tensors (only those, in batches, each chunk once per batch)
-and reports the max abs difference and the relative L2 change ||b - a|| / ||a|| of each.
+`values=True` also reads the changed tensors (only those, through `load(select=...)`, in batches
+that read each chunk once) and reports the max abs difference and the relative L2 change
+||b - a|| / ||a|| of each.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptstore.chunkio import ChunkReader, Landing
 from ckptstore.dtypes import KIND_TORCH
-from ckptstore.errors import StepNotFoundError, TagNotFoundError
+from ckptstore.errors import TagNotFoundError
 from ckptstore.kernel import StoreKernel
 from ckptstore.manifest import Manifest, TensorEntry
-from ckptstore.tree import TensorRef, decode_tree, format_path, map_tensors
+from ckptstore.selection import dotted_name
+from ckptstore.tree import TensorRef, decode_tree, format_path, lookup, map_tensors
 
 #: Bytes of one side's tensors read per batch with `values=True` (a batch reads each chunk once).
 VALUES_BATCH_BYTES = 256 << 20
@@ -143,20 +144,16 @@ def diff_steps(store: StoreKernel, a: int | str, b: int | str, *, values: bool =
 
 
 def resolve_step(store: StoreKernel, step: int | str) -> int:
-    """The step number a step argument names: N itself, 'latest' the newest committed step,
-    anything else the step of the tag of that name. `Store.diff` and every CLI command resolve
-    steps here."""
-    if isinstance(step, int):
-        return step
-    if step == "latest":
-        latest = store.latest()
-        if latest is None:
-            raise StepNotFoundError("latest", store.url)
-        return int(latest)
+    """The step number a step argument names, as `Store.load` reads one: N (or a str of
+    digits) itself, 'latest' the newest committed step, any other str the step of the tag of
+    that name. `Store.diff` and every CLI command resolve steps here."""
+    resolved = store._resolve(step)
+    if isinstance(resolved, int):
+        return resolved
     tags = store.tags()
-    if step not in tags:
-        raise TagNotFoundError(step, store.url)
-    return int(tags[step])
+    if resolved not in tags:
+        raise TagNotFoundError(resolved, store.url)
+    return int(tags[resolved])
 
 
 def _side(store: StoreKernel, step: int | str) -> _Side:
@@ -175,7 +172,7 @@ def _side(store: StoreKernel, step: int | str) -> _Side:
 def _names(paths: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], str]:
     """Path -> name: the path joined with '.' (as `export` names tensors), or, where two paths
     join to the same name (('a.b',) and ('a', 'b')), the path as Python subscripts."""
-    dotted = {path: ".".join(str(p) for p in path) or "state" for path in paths}
+    dotted = {path: dotted_name(path) for path in paths}
     seen: dict[str, int] = {}
     for name in dotted.values():
         seen[name] = seen.get(name, 0) + 1
@@ -207,7 +204,7 @@ def _compare_values(store: StoreKernel, old: _Side, new: _Side,
         before, after = _read(store, old, paths), _read(store, new, paths)
         for (path, entry), x, y in zip(batch, before, after, strict=True):
             entry.packed = False  # settled: the bytes were compared
-            if x == y:
+            if x.shape == y.shape and bool((x == y).all()):
                 equal.append(entry)
             else:
                 entry.max_abs_diff, entry.rel_l2 = _difference(new.entry(path), x, y)
@@ -227,22 +224,25 @@ def _batches(items: list[Any], size: Any) -> Iterator[list[Any]]:
         yield batch
 
 
-def _read(store: StoreKernel, side: _Side, paths: list[tuple[Any, ...]]) -> list[bytearray]:
-    """The raw bytes of the tensors at `paths` of one step, each chunk fetched once."""
-    buffers = [bytearray(side.entry(path).nbytes) for path in paths]
-    landings: dict[int, list[Landing]] = {}
-    for path, buffer in zip(paths, buffers, strict=True):
-        view, position = memoryview(buffer), 0
-        for chunk_index, offset, length in side.entry(path).segments:
-            landings.setdefault(chunk_index, []).append(
-                Landing(offset, length, view[position:position + length], format_path(path)))
-            position += length
-    reader = ChunkReader(store.backend, store._hash, store.threads, verify=store.verify)
-    reader.read([(side.manifest.chunks[i], group) for i, group in sorted(landings.items())], f"step {side.step}")
-    return buffers
+def _read(store: StoreKernel, side: _Side, paths: list[tuple[Any, ...]]) -> list[Any]:
+    """The raw bytes (flat uint8 numpy arrays) of the tensors at `paths` of one step, through
+    `load(select=...)`: only their chunks are read, each once."""
+    import numpy as np
+
+    state = store.load(side.step, select=sorted({dotted_name(path) for path in paths}))
+    raw = []
+    for path in paths:
+        value = lookup(state, path)
+        if hasattr(value, "untyped_storage"):  # a torch tensor: its bytes, whatever the dtype
+            import torch
+
+            raw.append(value.contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            raw.append(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    return raw
 
 
-def _difference(entry: TensorEntry, before: bytearray, after: bytearray) -> tuple[float | None, float | None]:
+def _difference(entry: TensorEntry, before: Any, after: Any) -> tuple[float | None, float | None]:
     """(max |b - a|, ||b - a|| / ||a||) over the elements, in float64 (complex128 for complex
     dtypes), a block at a time; (None, None) for a dtype without numbers. ||a|| = 0 gives inf
     (0 when b = a); a NaN in either gives NaN."""
@@ -263,7 +263,7 @@ def _difference(entry: TensorEntry, before: bytearray, after: bytearray) -> tupl
     return peak, (math.sqrt(squares) / math.sqrt(norm)) if norm else math.inf
 
 
-def _elements(entry: TensorEntry, raw: bytearray) -> Callable[[int, int], Any] | None:
+def _elements(entry: TensorEntry, raw: Any) -> Callable[[int, int], Any] | None:
     """`block(start, stop)`: elements [start, stop) as a numpy float64 (complex128 for complex
     dtypes) array; None for a dtype without numbers."""
     import numpy as np
@@ -282,7 +282,7 @@ def _elements(entry: TensorEntry, raw: bytearray) -> Callable[[int, int], Any] |
     dtype = getattr(torch, entry.dtype, None)
     if not isinstance(dtype, torch.dtype):
         return None
-    tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    tensor = torch.frombuffer(raw, dtype=dtype) if len(raw) else torch.empty(0, dtype=dtype)
     target = torch.complex128 if tensor.is_complex() else torch.float64
     try:
         tensor[:1].to(target)

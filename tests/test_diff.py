@@ -130,6 +130,9 @@ def test_values_of_other_dtypes_and_special_cases(tmp_path: Path) -> None:
 def test_steps_are_resolved_like_the_cli_and_missing_ones_raise(two_steps: str) -> None:
     with ckptstore.open(two_steps, create=False) as store:
         assert store.diff("base", "latest").as_dict() == store.diff(10, 20).as_dict()
+        assert store.diff("10", "20").as_dict() == store.diff(10, 20).as_dict()  # digits: a step, as load reads it
+        with pytest.raises(errors.InvalidStepError):
+            store.diff(-1, 20)
         same = store.diff(20, "latest")
         assert same.identical and not same.changed and len(same.unchanged) == 7
         with pytest.raises(errors.StepNotFoundError):
