@@ -33,23 +33,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.chunkio import ChunkReader, Landing
-from ckptstore.errors import CkptStoreError, FormatError, InvalidArgumentError
+from ckptstore.errors import CkptStoreError, FormatError, InvalidArgumentError, PathNotFoundError
 from ckptstore.kernel import StoreKernel, writer_identity
 from ckptstore.leases import Lease
 from ckptstore.manifest import Manifest, TensorEntry
+from ckptstore.selection import dotted_name
 from ckptstore.tree import TensorRef, decode_tree, map_tensors
 
 
-class TensorNotFoundError(CkptStoreError, KeyError):
-    """The step holds no tensor of that name."""
+class TensorNotFoundError(PathNotFoundError):
+    """The step holds no tensor of that name (a KeyError, like load(select=)'s unknown paths)."""
 
     def __init__(self, name: str, step: int, known: list[str]):
+        super().__init__([name], f"step {step}", {})
         self.name = name
         hint = f"; it has {', '.join(known[:5])}{', ...' if len(known) > 5 else ''}" if known else "; it has none"
-        super().__init__(f"step {step} has no tensor named {name!r}{hint}")
-
-    def __str__(self) -> str:  # KeyError would otherwise quote the message
-        return str(self.args[0])
+        self.args = (f"step {step} has no tensor named {name!r}{hint}",)
 
 
 class ReaderClosedError(CkptStoreError, ValueError):
@@ -68,12 +67,12 @@ class TensorInfo:
 
 
 def tensor_names(paths: list[tuple[Any, ...]]) -> list[str]:
-    """The safetensors name of each tree path, in order: parts joined with ".", ``state`` for
-    the root, ``#2``, ``#3``, ... appended to a name already taken."""
+    """The safetensors name of each tree path, in order: its dotted name (parts joined with
+    ".", ``state`` for the root), ``#2``, ``#3``, ... appended to a name already taken."""
     taken: set[str] = set()
     names = []
     for path in paths:
-        base = ".".join(str(part) for part in path) or "state"
+        base = dotted_name(path)
         name, n = base, 1
         while name in taken:
             n += 1

@@ -29,6 +29,7 @@ from ckptstore.errors import (
     IntegrityError,
     InvalidArgumentError,
     InvalidStepError,
+    PathNotFoundError,
     StepNotFoundError,
     StoreNotFoundError,
 )
@@ -167,8 +168,12 @@ def test_reader_gives_names_metadata_tree_tensors_and_slices_as_saved(store_url:
         assert _same(r.get_slice("model.empty")[0:0], state["model"]["empty"][0:0])
         for key in ((), ...):  # as numpy indexes a numpy scalar: [()] the scalar, [...] a 0-d array
             assert _same(r.get_slice("seed")[key], state["seed"][key]), key
-    with store.reader() as latest:  # None: the latest step
-        assert latest.step == 2 and latest.keys() == ["other"] and latest.metadata is None
+    for newest in (None, "latest"):
+        with store.reader(newest) as latest:
+            assert latest.step == 2 and latest.keys() == ["other"] and latest.metadata is None
+    for digits in ("1", "001"):  # a STEP as the CLI reads it, like load("1")
+        with store.reader(digits) as first:
+            assert first.step == 1 and first.metadata == {"loss": 1.25, "tokens": [1, 2]}
 
 
 def test_names_are_the_ones_export_safetensors_writes(tmp_path: Path) -> None:
@@ -323,7 +328,7 @@ def test_unknown_names_bad_indices_and_a_closed_reader_raise_typed_errors(space:
         r["model.nope"]
     with pytest.raises(KeyError):  # a KeyError, as for a dict
         r.get_slice("nope")
-    assert issubclass(TensorNotFoundError, CkptStoreError)
+    assert issubclass(TensorNotFoundError, PathNotFoundError) and issubclass(TensorNotFoundError, CkptStoreError)
     embed = r.get_slice("model.embed.weight")
     for key, message in [(slice(0, 10, 2), "slice steps other than 1"), (ROWS, "out of range for dim 0"),
                          (-ROWS - 1, "out of range"), (1.5, "ints, slices and ..., not 1.5"),
