@@ -104,6 +104,9 @@ def test_cp_between_local_and_s3(store_path: str, s3_bucket: str, tmp_path: Path
     assert code == EXIT_OK and report["steps"] == [100, 200] and report["bytes_copied"] > 0
     assert ckptstore.open(dst, create=False).steps() == [100, 200]
 
+    code, report = run(capsys, "cp", store_path, dst, "--steps", "200")  # a rerun: already there
+    assert code == EXIT_OK and report["already_there"] == [200] and report["bytes_copied"] == 0
+    ckptstore.open(dst).save(200, {"other": torch.zeros(3)}, overwrite=True)  # DST's step 200 differs
     code, _ = run(capsys, "cp", store_path, dst, "--steps", "200")
     assert code == EXIT_EXISTS
     code, report = run(capsys, "cp", store_path, dst, "--steps", "200", "--overwrite")
