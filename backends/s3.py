@@ -450,12 +450,14 @@ class S3Backend(Backend):
         with self._errors(prefix, "cleanup_staging"):
             paginator = self._client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                progressed()  # one deadline per request, not for the whole clean-up
                 for upload in page.get("Uploads", ()):
                     if upload["Initiated"].timestamp() < cutoff:
                         with contextlib.suppress(Exception):
                             self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
                                                                 UploadId=upload["UploadId"])
                             aborted += 1
+                        progressed()
         return aborted
 
     def delete(self, key: str, *, version: str | None = None) -> None:

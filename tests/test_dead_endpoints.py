@@ -148,6 +148,26 @@ def test_a_multipart_upload_longer_than_the_deadline_completes_while_parts_land(
     assert backend.get("chunks/big").data == data
 
 
+def test_a_cleanup_of_many_uploads_longer_than_the_deadline_aborts_them_all(
+        s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckptstore.deadline
+    from ckptstore.backends.s3 import S3Backend
+
+    backend = S3Backend(s3_bucket, "cleanup", deadline=10.0)
+    for n in range(3):  # what three killed multipart saves leave behind
+        backend._client.create_multipart_upload(Bucket=s3_bucket, Key=f"cleanup/chunks/{n}")
+    clock = [time.monotonic()]
+    monkeypatch.setattr(ckptstore.deadline, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    abort = backend._client.abort_multipart_upload
+
+    def slow_abort(**kwargs: Any) -> Any:
+        clock[0] += 6.0
+        return abort(**kwargs)
+
+    monkeypatch.setattr(backend._client, "abort_multipart_upload", slow_abort)
+    assert backend.cleanup_staging(0.0, now=time.time() + 60) == 3
+
+
 def test_a_deadline_that_passes_during_an_sdk_backoff_reports_the_last_error(refused: str,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from ckptstore.backends.s3 import S3Backend
