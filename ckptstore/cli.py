@@ -657,11 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", action="store_true", help="print JSON for scripts")
     export.set_defaults(run=cmd_export)
 
-    imp = sub.add_parser("import", help="save a safetensors, torch.save or DCP checkpoint as a step",
+    imp = sub.add_parser("import", help="save a safetensors, torch.save, DCP or Hugging Face Trainer checkpoint "
+                                        "as a step",
                          description="Save SOURCE as STEP: a .safetensors file or a directory with a "
                                      "*.safetensors.index.json, a torch.save file (read with "
-                                     "torch.load(weights_only=True)), or a torch.distributed.checkpoint directory "
-                                     "(it has a .metadata file; read with restricted unpickling). The store is "
+                                     "torch.load(weights_only=True)), a torch.distributed.checkpoint directory "
+                                     "(it has a .metadata file; read with restricted unpickling), or a Hugging Face "
+                                     "Trainer checkpoint-N/ directory (weights, optimizer, scheduler, RNG and trainer "
+                                     "state; training_args.bin kept as bytes, never unpickled). The store is "
                                      "created if absent. Exit 4 if the step exists and no --overwrite.")
     imp.add_argument("url", help="store URL or path")
     imp.add_argument("step", type=int, help="step number to save as")
