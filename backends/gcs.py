@@ -68,6 +68,7 @@ from ckptstore.errors import (
     AlreadyExistsError,
     BackendError,
     InvalidArgumentError,
+    InvalidURLError,
     ObjectNotFoundError,
     PermissionDeniedError,
     PreconditionFailedError,
@@ -304,9 +305,9 @@ class GCSBackend(Backend):
         max_attempts: int = 5,
     ):
         if not bucket or "/" in bucket or bucket != bucket.strip():
-            raise ValueError(f"invalid GCS bucket name {bucket!r}")
+            raise InvalidURLError(f"invalid GCS bucket name {bucket!r}")
         if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
+            raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
         read_timeout = read_timeout if timeout is None else timeout
         for name, value in (("read_timeout", read_timeout), ("connect_timeout", connect_timeout),
                             ("deadline", deadline)):
@@ -434,7 +435,7 @@ class GCSBackend(Backend):
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
-            raise ValueError(f"start and length must be >= 0, got {start}, {length}")
+            raise InvalidArgumentError(f"start and length must be >= 0, got {start}, {length}")
         if length == 0:
             self.head(key)  # a missing key is still ObjectNotFoundError
             return b""

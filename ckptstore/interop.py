@@ -92,7 +92,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckptstore.errors import InteropError
+from ckptstore.errors import InteropError, InvalidArgumentError
 from ckptstore.progress import Progress
 from ckptstore.store import SaveInfo, Store
 
@@ -233,7 +233,7 @@ def export_safetensors(store: Store, step: int, path: str | os.PathLike[str], *,
     from safetensors.torch import save_file
 
     if max_shard_bytes is not None and max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        raise InvalidArgumentError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     raw = os.fspath(path)
     target = Path(raw)
     sharded = max_shard_bytes is not None or _is_dir_target(target, raw)

@@ -12,11 +12,12 @@ import torch.distributed  # noqa: F401 - resolve_group looks for an imported tor
 
 import ckptstore
 from ckptstore import dcp
+from ckptstore.backends.gcs import GCSBackend
 from ckptstore.backends.memory import drop_memory_space
 from ckptstore.chunkblob import Compression
 from ckptstore.chunking import ChunkingPolicy
 from ckptstore.distributed import resolve_group
-from ckptstore.errors import CkptStoreError, InvalidArgumentError
+from ckptstore.errors import CkptStoreError, InvalidArgumentError, InvalidURLError
 
 
 @pytest.fixture
@@ -44,7 +45,21 @@ BAD_ARGUMENTS: dict[str, Callable[[], Any]] = {
     "checkpoint_id names no step": lambda: dcp.parse_checkpoint_id("not-a-step"),
     "reader checkpoint_id names no step": lambda: dcp.parse_checkpoint_id("a/b/c", reader=True),
     "async_save without store and step": lambda: dcp.async_save({}),
+    "export max_shard_bytes zero": lambda: _export_with_max_shard_bytes(0),
+    "GCS threads zero": lambda: GCSBackend("bucket", threads=0),
 }
+
+
+def _export_with_max_shard_bytes(size: int) -> Any:
+    from ckptstore.interop import export_safetensors
+
+    with ckptstore.open(f"memory://{uuid.uuid4().hex}") as store:
+        return export_safetensors(store, 1, "/nonexistent-export-target", max_shard_bytes=size)
+
+
+def test_a_bad_gcs_bucket_name_is_an_invalid_url_error() -> None:
+    with pytest.raises(InvalidURLError, match="invalid GCS bucket name"):
+        GCSBackend("a/b")
 
 
 @pytest.mark.parametrize("call", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
