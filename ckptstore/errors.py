@@ -22,6 +22,7 @@ The tree::
     ├── TagExistsError                tag without overwrite found the name taken
     ├── CommitConflictError           another writer replaced the step while we committed
     ├── ChunkVanishedError            a chunk kept vanishing mid-save (a concurrent gc): nothing committed
+    ├── ObjectTooLargeError           a save built an object over a reader's limit: nothing committed
     ├── IntegrityError                stored bytes do not match their hash
     ├── FormatError                   a stored object is malformed (truncated, hostile, garbage)
     │   └── UnsupportedFormatError    written by a newer/unknown format version
@@ -192,6 +193,22 @@ class ChunkVanishedError(CkptStoreError):
             f"following head found it gone; probably removed by a concurrent gc. Nothing was committed; "
             f"save again once the gc has finished"
         )
+
+
+class ObjectTooLargeError(CkptStoreError):
+    """A save (or cp, import, tag) built an object (manifest, ref) that readers would refuse:
+    over a byte cap or a count budget of docs/FORMAT.md, "Reader validation". Raised after
+    encoding, before the object is stored: nothing was committed, the previous step stays latest."""
+
+    def __init__(self, what: str, size: int, limit: int, unit: str = "bytes", advice: str = "", reason: str = ""):
+        self.what = what
+        self.size = size
+        self.limit = limit
+        reason = reason or f"holds {size} {unit}, over the readers' limit of {limit}"
+        advice = advice or ("save fewer or larger tensors per step (e.g. fewer ranks or shards), "
+                            "or keep large values out of `metadata`")
+        super().__init__(f"{what} {reason}: a step saved so could never be loaded, so nothing was committed; "
+                         f"{advice}")
 
 
 class IntegrityError(CkptStoreError):

@@ -17,9 +17,10 @@ import msgpack
 
 from ckptstore.chunkblob import HEADER_SIZE
 from ckptstore.dtypes import KIND_NUMPY_SCALAR, KIND_TORCH, KINDS, TORCH_DTYPE_SIZES, numpy_itemsize
-from ckptstore.errors import FormatError, UnsupportedFormatError
+from ckptstore.errors import FormatError, ObjectTooLargeError, UnsupportedFormatError
 from ckptstore.hashing import algorithms
 from ckptstore.keys import MAX_STEP
+from ckptstore.tree import decode_tree
 
 FORMAT_VERSION = 1
 MARKER_MAGIC = "ckptstore"
@@ -265,9 +266,13 @@ class Ref:
 
 
 def encode_ref(ref: Ref) -> bytes:
-    return _pack({"v": REF_VERSION, "manifest": ref.manifest, "step": ref.step,
+    """The ref's bytes; ObjectTooLargeError (nothing is written) if readers would refuse them."""
+    data = _pack({"v": REF_VERSION, "manifest": ref.manifest, "step": ref.step,
                   "committed": ref.committed, "writer": ref.writer, "commit_id": ref.commit_id,
                   "seq": ref.seq, "replaces": ref.replaces})
+    _within(f"the ref of step {ref.step}", len(data), MAX_REF_BYTES, "bytes",
+            advice="use a shorter writer identity")
+    return data
 
 
 def decode_ref(data: bytes) -> Ref:
@@ -342,7 +347,9 @@ class Manifest:
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
-    return _pack({
+    """The manifest's bytes, checked against every limit decode_manifest enforces, so that no
+    writer (save, DCP, cp, import) stores a manifest that cannot be read back: ObjectTooLargeError."""
+    data = _pack({
         "v": MANIFEST_VERSION,
         "step": manifest.step,
         "created": manifest.created,
@@ -354,6 +361,47 @@ def encode_manifest(manifest: Manifest) -> bytes:
         ],
         "chunks": [[bytes.fromhex(c.digest), c.raw_size, c.stored_size] for c in manifest.chunks],
     })
+    check_manifest_limits(manifest, len(data))
+    return data
+
+
+def _within(what: str, size: int, limit: int, unit: str, advice: str = "") -> None:
+    if size > limit:
+        raise ObjectTooLargeError(what, size, limit, unit, advice)
+
+
+def _items(value: Any) -> int:
+    """Containers plus their items, as the decoders' budgets count them (_ItemBudget)."""
+    if isinstance(value, dict):
+        return 1 + len(value) + sum(_items(k) + _items(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return 1 + len(value) + sum(_items(v) for v in value)
+    return 0
+
+
+def check_manifest_limits(manifest: Manifest, size: int) -> None:
+    """Every cap decode_manifest (and decode_tree) applies, checked on the writer's side.
+    The limits are read at call time: the module constants are the single source."""
+    what = f"the manifest of step {manifest.step}"
+    _within(what, size, MAX_MANIFEST_BYTES, "bytes")
+    _within(what, len(manifest.tensors), MAX_TENSORS, "tensors")
+    _within(what, len(manifest.chunks), MAX_CHUNKS, "chunks")
+    _within(f"{what}: its metadata", _items(manifest.metadata), MAX_FREEFORM_ITEMS, "values",
+            advice="keep large values out of `metadata`")
+    logical = 0
+    for i, tensor in enumerate(manifest.tensors):
+        _within(f"{what}: tensor {i}", len(tensor.segments), MAX_SEGMENTS, "segments",
+                advice="save it with a larger chunk size")
+        _within(f"{what}: tensor {i}", len(tensor.shape), MAX_DIMS, "dimensions")
+        _within(f"{what}: tensor {i}'s placement", _items(tensor.placement), MAX_PLACEMENT_ITEMS, "values")
+        _within(f"{what}: tensor {i}", tensor.nbytes, MAX_TENSOR_BYTES, "bytes")
+        logical += tensor.nbytes
+    _within(what, logical, MAX_LOGICAL_BYTES, "tensor bytes")
+    try:
+        decode_tree(manifest.tree)  # its item and depth budgets live in ckptstore.tree
+    except FormatError as exc:
+        raise ObjectTooLargeError(f"{what}: its state tree", len(manifest.tree), MAX_MANIFEST_BYTES,
+                                  reason=f"is refused by readers ({exc})") from None
 
 
 def _int_in(value: Any, low: int, high: int, what: str) -> int:
