@@ -9,24 +9,41 @@ operation), never with sleeps.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import ranks
 import torch
 import torch.distributed as dist
+from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
+from olmo_core.distributed.parallel import DataParallelType
+from olmo_core.nn.transformer import TransformerConfig
+from olmo_core.optim import AdamWConfig
+from olmo_core.train import Duration, TrainerConfig
+from olmo_core.train.callbacks import Callback
+from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import ckptstore
 import ckptstore.dcp
 from ckptstore import keys
-from ckptstore.errors import StepExistsError
-from ckptstore.integrations.olmo_core import load_model_and_optim_state, save_model_and_optim_state
+from ckptstore.errors import FormatError, InvalidArgumentError, StepExistsError
+from ckptstore.integrations import olmo_core as integration
+from ckptstore.integrations.olmo_core import (
+    StoreCheckpointer,
+    StoreCheckpointerCallback,
+    StoreCheckpointerConfig,
+    load_model_and_optim_state,
+    save_model_and_optim_state,
+)
 from ckptstore.store import Store
 from ckptstore.testing.interleave import Hook, HookBackend
 
@@ -204,3 +221,79 @@ def test_a_save_killed_midway_leaves_nothing_to_clean_up(tmp_path: Path) -> None
         assert report["saved"]
     assert store.steps() == [0, 1]
     assert store.ref(1).seq == 1  # a first commit of step 1: the killed save left no step behind
+
+
+# -- OLMo-core's Trainer -----------------------------------------------------------------------
+VOCAB, SEQ = 128, 16
+
+
+@dataclass
+class _Trained(Callback):
+    """Records the steps this job trained."""
+
+    steps: list[int] = field(default_factory=list)
+
+    def post_step(self) -> None:
+        self.steps.append(self.step)
+
+
+def _trainer_job(rank: int, tmp: str, url: str, name: str, max_steps: int) -> None:
+    """OLMo-core's own Trainer (tiny llama-like transformer, FSDP, numpy token data) with
+    StoreCheckpointer: a permanent checkpoint every 2 steps, an ephemeral one at the others."""
+    os.environ["OLMO_SHARED_FS"] = "1"  # the ranks share tmp (OLMo-core asks before using a local save_folder)
+    ranks.join_group(rank, tmp, name)
+    dataset = NumpyFSLDataset(f"{tmp}/tokens.npy", sequence_length=SEQ, pad_token_id=0, eos_token_id=0,
+                              vocab_size=VOCAB)
+    dataset.work_dir = Path(tmp, f"work-{name}")
+    dataset.prepare()
+    loader = NumpyFSLDataLoader.wrap_numpy_dataset(dataset, global_batch_size=4 * SEQ,
+                                                   collator=DataCollator(pad_token_id=0), dp_world_size=ranks.WORLD,
+                                                   dp_rank=rank, seed=0, work_dir=f"{tmp}/work-{name}")
+    torch.manual_seed(rank + 100)  # the weights differ from the first job's until loaded
+    model = TransformerConfig.llama_like(d_model=32, vocab_size=VOCAB, n_layers=2, n_heads=2).build(init_device="cpu")
+    module = TransformerTrainModuleConfig(
+        rank_microbatch_size=2 * SEQ, max_sequence_length=SEQ, optim=AdamWConfig(lr=1e-2),
+        dp_config=TransformerDataParallelConfig(name=DataParallelType.fsdp)).build(model, device=torch.device("cpu"))
+    trained = _Trained()
+    trainer = TrainerConfig(
+        save_folder=f"{tmp}/save", work_dir=f"{tmp}/work-{name}", device="cpu", metrics_collect_interval=1,
+        max_duration=Duration.steps(max_steps), checkpointer=StoreCheckpointerConfig(store_url=url),
+        callbacks={"checkpointer": StoreCheckpointerCallback(save_interval=2, ephemeral_save_interval=1,
+                                                                             save_async=False),
+                   "trained": trained}).build(module, loader)
+    assert isinstance(trainer.checkpointer, StoreCheckpointer)
+    trainer.fit()
+    weights = {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}
+    ranks.report(tmp, name, rank, {"steps": trained.steps, "weights": weights})
+    ranks.leave()
+
+
+def test_olmo_core_trainer_resumes_from_the_store_as_if_uninterrupted(tmp_path: Path) -> None:
+    tmp, url = str(tmp_path), str(tmp_path / "store")
+    np.random.default_rng(0).integers(1, VOCAB, size=64 * SEQ, dtype=np.uint16).tofile(tmp_path / "tokens.npy")
+    ranks.run(_trainer_job, tmp, url, "uninterrupted", 6)
+    store = ckptstore.open(url, create=False)
+    # step 0 before training, permanent 2, 4, 6; ephemeral 1 and 3 were deleted (OLMo-core's removal)
+    # once the next checkpoint was saved; the last ephemeral one, 5, stays, as it does in OLMo-core
+    assert store.steps() == [0, 2, 4, 5, 6], store.steps()
+    assert not (tmp_path / "save" / "step2").exists()  # the checkpoints are in the store, not in save_folder
+
+    for step in (5, 6):  # as if the job had died after step 4
+        store.delete(step)
+    ranks.run(_trainer_job, tmp, url, "resumed", 6)
+    uninterrupted, resumed = ranks.reports(tmp, "uninterrupted"), ranks.reports(tmp, "resumed")
+    for first, second in zip(uninterrupted, resumed, strict=True):
+        assert first["steps"] == [1, 2, 3, 4, 5, 6] and second["steps"] == [5, 6]  # resumed after step 4
+        assert second["weights"] == first["weights"], "the resumed run ended with other weights"
+
+
+def test_a_stored_trainer_state_that_would_need_pickle_is_refused_with_a_format_error() -> None:
+    state = {"rng": {"numpy": ("MT19937", np.arange(4, dtype=np.uint32), 0)}, "global_step": 4}
+    assert integration._decode_train_state(integration._encode_train_state(state), "here")["global_step"] == 4
+    buffer = io.BytesIO()
+    torch.save({"path": Path("/")}, buffer)  # a global weights_only refuses: unpickling it would run code
+    with pytest.raises(FormatError, match=r"step 4: .*weights_only"):
+        integration._decode_train_state(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), "step 4")
+    with pytest.raises(InvalidArgumentError, match="names no checkpoint step"):
+        integration.step_of("/save/latest")
+    assert integration.step_of("s3://bucket/run/step12/") == 12
