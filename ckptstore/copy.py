@@ -68,7 +68,15 @@ from ckptstore.errors import (
 )
 from ckptstore.gclock import settle_with_gc
 from ckptstore.leases import DEFAULT_TTL, Lease
-from ckptstore.manifest import MAX_MANIFEST_BYTES, ChunkEntry, Manifest, Ref, decode_manifest, encode_manifest
+from ckptstore.manifest import (
+    MAX_MANIFEST_BYTES,
+    ChunkEntry,
+    Manifest,
+    Ref,
+    decode_manifest,
+    encode_manifest,
+    summarize,
+)
 from ckptstore.progress import Progress
 from ckptstore.store import Store, writer_identity
 
@@ -278,6 +286,7 @@ def _commit_steps(src: Store, dst: Store, sources: list[_Source], *, overwrite: 
         stack.enter_context(Lease(dst.backend, "save", owner, ttl=dst_ttl))
         bar = stack.enter_context(Progress(total, "cp", "bytes", enabled=progress))
         for source in sources:
+            copied_before = report.bytes_copied
             transfer(source, bar)
             digest, encoded = _manifest_for(dst, source, dst_sizes)
             if digest != source.digest:
@@ -290,7 +299,9 @@ def _commit_steps(src: Store, dst: Store, sources: list[_Source], *, overwrite: 
                 transfer(source, bar)
                 digest, encoded = _manifest_for(dst, source, dst_sizes)
                 _put_manifest(dst, digest, encoded)
-            ref = Ref(manifest=digest, step=source.step, committed=time.time(), writer=owner)
+            stored = sum(dst_sizes.get(c.digest, c.stored_size) for c in source.manifest.chunks)
+            ref = Ref(manifest=digest, step=source.step, committed=time.time(), writer=owner,
+                      summary=summarize(source.manifest, report.bytes_copied - copied_before, stored))
             try:
                 commit_ref(dst.backend, keys.step_ref_key(source.step), ref, overwrite=overwrite)
             except StepExistsError:  # committed meanwhile (another copy of the same step?)

@@ -568,11 +568,13 @@ class StoreWriter(StorageWriter):
         # earliest) and its lease (the coordinator deletes it after the commit).
         assert self._lease is not None
         epoch, lease = _epoch_to_plain(self._epoch), self._lease.key
-        results = []
+        results: list[WriteResult] = []
         for item, (kind, dtype, shape), segs, source in zip(items, described, plain_segments(chunk_plan, written),
                                                             sources, strict=True):
-            storage = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs, "epoch": epoch,
-                       "lease": lease}
+            storage: dict[str, Any] = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs,
+                                       "epoch": epoch, "lease": lease}
+            if not results:  # the rank's upload total travels once, for the ref's summary
+                storage["new_bytes"] = self.new_bytes
             results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=storage))
         del keepalive
         return results
@@ -580,6 +582,7 @@ class StoreWriter(StorageWriter):
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._epoch is not None and self.step is not None, "write_data was not called"
         earliest = self._epoch
+        new_bytes = 0
         table = ChunkTable()
         tensors: list[TensorEntry] = []
         by_fqn: dict[str, list[TensorRef]] = {}
@@ -589,6 +592,7 @@ class StoreWriter(StorageWriter):
                 epoch = _epoch_from_plain(storage.get("epoch"))
                 if epoch.number < earliest.number:
                     earliest = epoch
+                new_bytes += storage.get("new_bytes", 0)
                 segments = table.segments(storage["segments"])
                 fqn = result.index.fqn
                 placement: dict[str, Any] = {"fqn": fqn}
@@ -614,7 +618,7 @@ class StoreWriter(StorageWriter):
         # The earliest epoch any rank read before its lease: a gc that swept since then may have
         # taken a chunk after its rank stopped refreshing (docs/FORMAT.md, the DCP bullet).
         _, self.committed = write_manifest_and_commit(self.store, earliest, manifest, overwrite=self.overwrite,
-                                                      writer=writer_identity())
+                                                      writer=writer_identity(), new_bytes=new_bytes)
 
 
 # -- reading ---------------------------------------------------------------------------------

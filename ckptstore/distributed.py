@@ -72,7 +72,7 @@ from ckptstore.errors import (
 from ckptstore.gclock import settle_with_gc
 from ckptstore.kernel import SaveInfo, StoreKernel, writer_identity
 from ckptstore.leases import Lease
-from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest
+from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest, summarize
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
 
 __all__ = ["SINGLE_PROCESS", "DistributedSaveError", "StateConflictError", "resolve_group"]
@@ -170,7 +170,7 @@ class ChunkTable:
 
 
 def write_manifest_and_commit(store: Any, epoch_at_start: Epoch, manifest: Manifest, *, overwrite: bool,
-                              writer: str) -> tuple[str, Ref]:
+                              writer: str, new_bytes: int) -> tuple[str, Ref]:
     """The coordinator's last steps: put the manifest, settle with gc, commit the ref.
     Returns the manifest digest and the committed ref (StepExistsError, CommitConflictError)."""
     encoded = encode_manifest(manifest)
@@ -179,7 +179,8 @@ def write_manifest_and_commit(store: Any, epoch_at_start: Epoch, manifest: Manif
     with contextlib.suppress(AlreadyExistsError):  # an identical manifest is already stored
         store.backend.put(manifest_key, encoded, mode=CREATE)
     settle_manifest(store, epoch_at_start, manifest.step, manifest.chunks, manifest_key, encoded)
-    ref = Ref(manifest=digest, step=manifest.step, committed=time.time(), writer=writer)
+    ref = Ref(manifest=digest, step=manifest.step, committed=time.time(), writer=writer,
+              summary=summarize(manifest, new_bytes))
     return digest, commit_ref(store.backend, keys.step_ref_key(manifest.step), ref, overwrite=overwrite)
 
 
@@ -467,10 +468,11 @@ def _commit(store: StoreKernel, merged: MergedState, partials: list[dict[str, An
         for g, ((rank, _), d) in enumerate(zip(merged.owners, merged.described, strict=True)))
     tree = encode_tree(merged.tree, lambda _p, v: v.index if isinstance(v, TensorRef) else None)
     manifest = Manifest(step, time.time(), metadata, tree, entries, tuple(table.chunks))
-    digest, committed = write_manifest_and_commit(store, epoch, manifest, overwrite=overwrite, writer=writer)
     new: dict[str, int] = {}
     for partial in partials:
         new.update(partial["new"])
+    digest, committed = write_manifest_and_commit(store, epoch, manifest, overwrite=overwrite, writer=writer,
+                                                  new_bytes=sum(new.values()))
     info = SaveInfo(
         step=step, manifest=digest, commit_id=committed.commit_id, seq=committed.seq, replaced=committed.replaces,
         tensors=len(entries), logical_bytes=manifest.logical_bytes, chunks=len(table.chunks),

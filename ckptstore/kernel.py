@@ -71,6 +71,7 @@ from ckptstore.manifest import (
     decode_marker,
     encode_manifest,
     encode_marker,
+    summarize,
 )
 from ckptstore.selection import (
     Selection,
@@ -303,14 +304,14 @@ class StoreKernel:
         with contextlib.suppress(AlreadyExistsError):  # identical manifest already stored
             self.backend.put(keys.manifest_key(manifest_digest), encoded, mode=CREATE)
 
-        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=writer_identity())
+        new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
+        ref = Ref(manifest=manifest_digest, step=step, committed=time.time(), writer=writer_identity(),
+                  summary=summarize(manifest, new_bytes=sum(new.values())))
         committed = commit_ref(self.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
-        new = [r for r in written if r.written]
         return SaveInfo(
             step=step, manifest=manifest_digest, commit_id=committed.commit_id, seq=committed.seq,
             replaced=committed.replaces, tensors=len(tensors), logical_bytes=manifest.logical_bytes,
-            chunks=len(chunks), new_chunks=len({r.entry.digest for r in new}),
-            new_bytes=sum({r.entry.digest: r.entry.stored_size for r in new}.values()),
+            chunks=len(chunks), new_chunks=len(new), new_bytes=sum(new.values()),
             seconds=time.perf_counter() - started,
         )
 
@@ -404,7 +405,9 @@ class StoreKernel:
             self._require_objects(target)
             if settle_with_gc(self.backend, epoch_at_start, ttl=self.lease_ttl, owner=writer_identity()):
                 self._require_objects(target)
-            ref = Ref(manifest=target.manifest, step=target.step, committed=time.time(), writer=writer_identity())
+            # The tag shows what its step shows: it carries the step's summary.
+            ref = Ref(manifest=target.manifest, step=target.step, committed=time.time(), writer=writer_identity(),
+                      summary=target.summary)
             try:
                 return commit_ref(self.backend, key, ref, overwrite=overwrite)
             except StepExistsError:

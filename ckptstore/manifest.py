@@ -253,6 +253,28 @@ def decode_marker(data: bytes) -> Marker:
 
 # -- refs ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class StepSummary:
+    """What `ls` shows of a step, kept in its ref so no manifest is read for it.
+    new_bytes: stored bytes of the chunks the writer uploaded ("new when saved")."""
+
+    tensors: int
+    logical_bytes: int
+    stored_bytes: int
+    new_bytes: int
+    chunks: int
+
+
+SUMMARY_FIELDS = ("tensors", "logical_bytes", "stored_bytes", "new_bytes", "chunks")
+
+
+def summarize(manifest: Manifest, new_bytes: int, stored_bytes: int | None = None) -> StepSummary:
+    """The summary of a step committed with `manifest` (whose chunks are stored as
+    `stored_bytes`, default the manifest's own sizes) that uploaded `new_bytes`."""
+    stored = manifest.stored_bytes if stored_bytes is None else stored_bytes
+    return StepSummary(len(manifest.tensors), manifest.logical_bytes, stored, new_bytes, len(manifest.chunks))
+
+
+@dataclass(frozen=True)
 class Ref:
     """A pointer to a manifest: what a step (or tag) resolves to."""
 
@@ -263,13 +285,18 @@ class Ref:
     commit_id: str = field(default_factory=lambda: secrets.token_hex(16))
     seq: int = 1
     replaces: str | None = None
+    summary: StepSummary | None = None  # absent in refs written before it existed
 
 
 def encode_ref(ref: Ref) -> bytes:
-    """The ref's bytes; ObjectTooLargeError (nothing is written) if readers would refuse them."""
-    data = _pack({"v": REF_VERSION, "manifest": ref.manifest, "step": ref.step,
-                  "committed": ref.committed, "writer": ref.writer, "commit_id": ref.commit_id,
-                  "seq": ref.seq, "replaces": ref.replaces})
+    """The ref's bytes; ObjectTooLargeError (nothing is written) if readers would refuse them.
+    The summary is an extra field: readers that predate it skip unknown fields (format v1)."""
+    obj: dict[str, Any] = {"v": REF_VERSION, "manifest": ref.manifest, "step": ref.step,
+                           "committed": ref.committed, "writer": ref.writer, "commit_id": ref.commit_id,
+                           "seq": ref.seq, "replaces": ref.replaces}
+    if ref.summary is not None:
+        obj["summary"] = {name: getattr(ref.summary, name) for name in SUMMARY_FIELDS}
+    data = _pack(obj)
     _within(f"the ref of step {ref.step}", len(data), MAX_REF_BYTES, "bytes",
             advice="use a shorter writer identity")
     return data
@@ -293,7 +320,20 @@ def decode_ref(data: bytes) -> Ref:
         commit_id=_field(obj, "commit_id", str, what),
         seq=_int_in(obj.get("seq"), 1, 2**63, what),
         replaces=replaces,
+        summary=_decode_summary(obj.get("summary"), what),
     )
+
+
+def _decode_summary(value: Any, what: str) -> StepSummary | None:
+    """The ref's summary, or None when absent; fields other than SUMMARY_FIELDS are ignored
+    (a later writer may add some)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FormatError(f"{what}: field 'summary' is not a map")
+    limits = {"tensors": MAX_TENSORS, "chunks": MAX_CHUNKS}
+    return StepSummary(*(_int_in(value.get(name), 0, limits.get(name, 2**63), f"{what} summary {name}")
+                         for name in SUMMARY_FIELDS))
 
 
 def _check_hex(value: str, what: str) -> None:

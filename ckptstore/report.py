@@ -9,7 +9,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ckptstore.manifest import Manifest
+from ckptstore import keys
+from ckptstore.chunkio import bounded_map
+from ckptstore.errors import FormatError, ObjectNotFoundError
+from ckptstore.manifest import MAX_REF_BYTES, Manifest, Ref, decode_ref, summarize
 from ckptstore.store import Store
 from ckptstore.tree import TensorRef, decode_tree, format_path, map_tensors
 
@@ -25,7 +28,9 @@ class StepSummary:
     tensors: int
     logical_bytes: int
     stored_bytes: int  # stored size of every chunk the step references
-    new_bytes: int  # stored size of chunks no earlier step references
+    # Stored size of the chunks its save uploaded ("new when saved"; a later gc or delete does
+    # not change it). Refs written before the summary existed: of the chunks no earlier such step references.
+    new_bytes: int
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -43,19 +48,40 @@ class TensorSummary:
 
 
 def step_summaries(store: Store) -> list[StepSummary]:
-    """Every committed step in order, with sizes and what each added over earlier steps."""
-    seen: set[str] = set()
+    """Every committed step in order, with its sizes: one listing of refs/steps/, then one
+    GET per ref, concurrently (store.threads). A ref carries its step's summary; only a ref
+    written before summaries existed costs a manifest read."""
+    store._require_store()  # StoreNotFoundError rather than an empty list
+    listed = sorted((step, info.key) for info in store.backend.list(keys.STEP_REFS)
+                    if (step := keys.step_from_ref_key(info.key)) is not None)
+    refs = bounded_map(lambda item: _read_step_ref(store, *item), listed, store.threads)
+    seen: set[str] = set()  # chunks of the earlier summary-less steps
     rows = []
-    for step in store.steps():
-        info = store.info(step)
-        fresh = [c for c in info.manifest.chunks if c.digest not in seen]
-        seen.update(c.digest for c in fresh)
+    for ref in refs:
+        if ref is None:
+            continue  # deleted since the listing
+        summary = ref.summary
+        if summary is None:
+            manifest = store.manifest(ref.manifest)
+            fresh = {c.digest: c.stored_size for c in manifest.chunks if c.digest not in seen}
+            seen.update(fresh)
+            summary = summarize(manifest, new_bytes=sum(fresh.values()))
         rows.append(StepSummary(
-            step=step, committed=info.ref.committed, writer=info.ref.writer, seq=info.ref.seq,
-            tensors=len(info.manifest.tensors), logical_bytes=info.manifest.logical_bytes,
-            stored_bytes=info.manifest.stored_bytes, new_bytes=sum(c.stored_size for c in fresh),
+            step=ref.step, committed=ref.committed, writer=ref.writer, seq=ref.seq, tensors=summary.tensors,
+            logical_bytes=summary.logical_bytes, stored_bytes=summary.stored_bytes, new_bytes=summary.new_bytes,
         ))
     return rows
+
+
+def _read_step_ref(store: Store, step: int, key: str) -> Ref | None:
+    """The ref at `key` in one bounded GET (no version needed, so no head), or None if gone."""
+    try:
+        ref = decode_ref(store.backend.get_range(key, 0, MAX_REF_BYTES + 1))
+    except ObjectNotFoundError:
+        return None
+    if ref.step != step:
+        raise FormatError(f"ref of step {step} names step {ref.step}: refs are not copied between keys")
+    return ref
 
 
 def tensor_summaries(store: Store, step: int) -> list[TensorSummary]:

@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from ckptstore.manifest import (
     ChunkEntry,
     Marker,
     Ref,
+    StepSummary,
     TensorEntry,
     decode_manifest,
     decode_marker,
@@ -84,6 +86,16 @@ REF_EXPECTED = Ref(
     replaces="fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210",
 )
 REF_FILE_SHA256 = "12b6a5d7181dfcef952301c037ad78f20fc1697b468e6a6943581e23842af643"
+REF_SUMMARY_EXPECTED = replace(REF_EXPECTED, summary=StepSummary(tensors=4, logical_bytes=42, stored_bytes=138,
+                                                                 new_bytes=106, chunks=4))
+REF_SUMMARY_TAIL = bytes.fromhex(
+    "a773756d6d617279" "85"             # "summary": map of 5
+    "a774656e736f7273" "04"             # "tensors": 4
+    "ad6c6f676963616c5f6279746573" "2a"  # "logical_bytes": 42
+    "ac73746f7265645f6279746573" "cc8a"  # "stored_bytes": 138
+    "a96e65775f6279746573" "6a"          # "new_bytes": 106
+    "a66368756e6b73" "04"               # "chunks": 4
+)
 
 STORE_MANIFEST_DIGEST = "2c4371bc834aefe0c62dac2743d01d4f1daed3d278a8824eb45734e391b8923b"
 STORE_REF = Ref(
@@ -94,6 +106,8 @@ STORE_REF = Ref(
     commit_id="00112233445566778899aabbccddeeff",
     seq=1,
     replaces=None,
+    # 4 tensors of 24 + 4 + 6 + 8 bytes in 4 chunk blobs of 40 + 32 + 34 + 32, all uploaded by the save
+    summary=StepSummary(tensors=4, logical_bytes=42, stored_bytes=138, new_bytes=138, chunks=4),
 )
 STORE_TREE = bytes.fromhex(
     "85"                                  # map of 5, in the saved key order
@@ -237,6 +251,18 @@ def test_ref_vector():
     assert type(ref.step) is int and type(ref.seq) is int and type(ref.committed) is float
     assert encode_ref(ref) == data
     assert encode_ref(REF_EXPECTED) == data
+
+
+def test_ref_with_summary_vector():
+    """A ref with a summary is the same map plus one trailing field: readers that predate
+    the summary skip it (unknown fields are allowed in format version 1) and read the rest."""
+    data = _read("ref-summary.msgpack")
+    plain = _read("ref.msgpack")
+    assert data[0] == plain[0] + 1  # fixmap of 9 fields instead of 8
+    assert data[1:] == plain[1:] + REF_SUMMARY_TAIL
+    assert decode_ref(data) == REF_SUMMARY_EXPECTED
+    assert encode_ref(REF_SUMMARY_EXPECTED) == data
+    assert decode_ref(plain).summary is None  # refs written before the summary have none
 
 
 # ---------------------------------------------------------------------------------------

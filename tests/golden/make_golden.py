@@ -24,6 +24,7 @@ import shutil
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -36,7 +37,7 @@ import ckptstore.kernel
 import ckptstore.manifest
 from ckptstore.chunkblob import Compression, ElementType, encode_chunk
 from ckptstore.chunking import ChunkingPolicy
-from ckptstore.manifest import Marker, Ref, encode_marker, encode_ref
+from ckptstore.manifest import Marker, Ref, StepSummary, encode_marker, encode_ref
 from ckptstore.tree import encode_tree
 
 HERE = Path(__file__).resolve().parent
@@ -61,6 +62,10 @@ REF = Ref(
     seq=2,
     replaces="fedcba9876543210" * 4,
 )
+# The same ref with a summary (what `ls` shows without reading the manifest).
+REF_SUMMARY_FILE = "ref-summary.msgpack"
+REF_WITH_SUMMARY = replace(REF, summary=StepSummary(tensors=4, logical_bytes=42, stored_bytes=138, new_bytes=106,
+                                                    chunks=4))
 
 # -- config values in a state tree (ext types 3-8) ----------------------------------------
 TREE_VALUES_FILE = "tree-values.msgpack"
@@ -148,6 +153,7 @@ def generate(out: Path) -> None:
                                                     CHUNK_SHUFFLE_ELEMENT))
     (out / "marker.msgpack").write_bytes(encode_marker(MARKER))
     (out / "ref.msgpack").write_bytes(encode_ref(REF))
+    (out / REF_SUMMARY_FILE).write_bytes(encode_ref(REF_WITH_SUMMARY))
     (out / TREE_VALUES_FILE).write_bytes(encode_tree(tree_values(), lambda _path, _value: None))
 
     root = out / STORE_DIR
