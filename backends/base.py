@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from ckptstore.errors import FormatError, ObjectNotFoundError
+from ckptstore.errors import CkptStoreError, FormatError, ObjectNotFoundError
 
 # Anything the buffer protocol can hand out as bytes.
 Buffer = bytes | bytearray | memoryview
@@ -66,6 +66,10 @@ class GetResult:
     version: str
 
 
+#: What `Backend.delete_many` returns: each key it could not delete, with its typed error.
+DeleteFailures = list[tuple[str, CkptStoreError]]
+
+
 def total_length(parts: Sequence[Buffer]) -> int:
     """Byte length of a sequence of buffers."""
     return sum(memoryview(p).nbytes for p in parts)
@@ -100,6 +104,9 @@ class Backend(abc.ABC):
     #: Chunk size `ckptstore.open` uses when the caller gives no ChunkingPolicy (None: the
     #: policy's own default). A store's chunk size is a writer setting, never a format one.
     preferred_chunk_size: int | None = None
+    #: Most keys one `delete_many` request removes (S3 DeleteObjects: 1,000; GCS batch: 100;
+    #: the per-key default: gc's proof interval, 100). gc proves its lock before every such batch.
+    max_delete_batch: int = 100
 
     @abc.abstractmethod
     def get(self, key: str) -> GetResult:
@@ -142,6 +149,20 @@ class Backend(abc.ABC):
         With `version` (one returned by a read or put), remove it only if it is still at that
         version; raises PreconditionFailedError (and leaves it) if it is at another one.
         """
+
+    def delete_many(self, keys: Sequence[str]) -> DeleteFailures:
+        """Remove every key in `keys` (unconditionally; a missing key is not an error) and return
+        the keys that could not be removed, each with its typed error; never drops one silently.
+
+        This default deletes one key at a time; S3 and GCS send batches of `max_delete_batch`.
+        """
+        failures: DeleteFailures = []
+        for key in keys:
+            try:
+                self.delete(key)
+            except CkptStoreError as exc:
+                failures.append((key, exc))
+        return failures
 
     def get_small(self, key: str, limit: int) -> GetResult:
         """A small object (ref, marker, lock) and its version, never reading more than `limit` + 1

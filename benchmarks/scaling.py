@@ -58,3 +58,45 @@ def run_scaling_task(task: dict[str, Any]) -> dict[str, Any]:
     out["gc_deleted_chunks"] = report.deleted_chunks
     store.close()
     return out
+
+
+def gc_reachable_set_bytes(n: int, *, as_bytes: bool) -> int:
+    """tracemalloc's peak while gc's reachable-chunk set for `n` synthetic 32-byte digests is
+    built (the set and its items; the hex strings come one at a time, as from manifests):
+    `as_bytes` as gc.py keeps them (bytes.fromhex), else as the hex str it kept before."""
+    import hashlib
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        if as_bytes:
+            reachable: set[Any] = {bytes.fromhex(hashlib.sha256(i.to_bytes(8, "little")).hexdigest()) for i in range(n)}
+        else:
+            reachable = {hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(n)}
+        _, peak = tracemalloc.get_traced_memory()
+        assert len(reachable) == n
+    finally:
+        tracemalloc.stop()
+    return peak
+
+
+def gc_memory(n: int = 1_000_000) -> dict[str, float]:
+    """`python -m benchmarks.scaling --gc-memory [N]`: gc's reachable-set memory for N chunks,
+    hex str (before) and raw bytes (now), and both extrapolated (linearly) to 10^7 chunks."""
+    out: dict[str, float] = {"chunks": n}
+    for name, as_bytes in (("hex_str", False), ("bytes", True)):
+        peak = gc_reachable_set_bytes(n, as_bytes=as_bytes)
+        out[f"{name}_bytes_per_chunk"] = peak / n
+        out[f"{name}_MB_at_n"] = peak / 1e6
+        out[f"{name}_GB_at_1e7"] = peak / n * 1e7 / 1e9
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    args = sys.argv[1:]
+    if not args or args[0] != "--gc-memory":
+        sys.exit("usage: python -m benchmarks.scaling --gc-memory [N]")
+    print(json.dumps(gc_memory(int(args[1]) if len(args) > 1 else 1_000_000), indent=2))

@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ckptstore import keys
-from ckptstore.backends.base import Backend
+from ckptstore.backends.base import Backend, ObjectInfo
 from ckptstore.commit import read_ref
+from ckptstore.deadline import deadline_in
 from ckptstore.epoch import set_epoch
 from ckptstore.errors import CkptStoreError, GCLockLostError, IntegrityError, ObjectNotFoundError
 from ckptstore.gclock import GCLock
@@ -38,8 +40,14 @@ from ckptstore.manifest import MAX_MANIFEST_BYTES, decode_manifest
 
 log = logging.getLogger(__name__)
 
-#: gc proves it still owns locks/gc before every this many deletes.
-DELETE_BATCH = 100
+#: Most keys gc deletes in one batch request (`Backend.delete_many`; the backend's own
+#: `max_delete_batch` may be lower: S3 1,000, GCS and the per-key default 100). gc proves it
+#: still owns locks/gc before every batch, and the batch must end within ttl/4 of that proof.
+DELETE_BATCH = 1000
+#: Fan-out folders (`chunks/xx/`) gc lists at a time.
+LIST_THREADS = 16
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,13 +68,16 @@ class GCReport:
     kept_young: int = 0  # unreachable, but younger than min_age
     broken_refs: list[str] = field(default_factory=list)  # refs gc could not follow: nothing was swept
     lock_lost: bool = False  # locks/gc stopped being ours mid-run: it stopped deleting
+    list_errors: list[str] = field(default_factory=list)  # listing chunks/ or manifests/ failed: nothing was swept
+    delete_failures: list[str] = field(default_factory=list)  # "key: error" of each delete that failed (kept)
     staging_removed: int = 0  # local staging files / S3 multipart uploads left by crashes
     seconds: float = 0.0
 
     @property
     def failed(self) -> bool:
-        """It failed closed: refs it could not follow, or its lock lost (`ckptstore gc` exits 1)."""
-        return bool(self.broken_refs) or self.lock_lost
+        """It failed closed (refs it could not follow, a listing that failed, its lock lost) or
+        some deletes failed (`ckptstore gc` exits 1)."""
+        return bool(self.broken_refs) or self.lock_lost or bool(self.list_errors) or bool(self.delete_failures)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "failed": self.failed}
@@ -74,6 +85,10 @@ class GCReport:
 
 class _MarkFailed(Exception):
     """Some ref or manifest could not be read: the sweep must not run."""
+
+
+class _ListFailed(Exception):
+    """Listing manifests/ or chunks/ failed: the sweep must not run."""
 
 
 def _read_manifest_chunks(backend: Backend, hash_: Callable[[Any], str], digest: str) -> set[str]:
@@ -89,12 +104,12 @@ def _read_manifest_chunks(backend: Backend, hash_: Callable[[Any], str], digest:
     return {c.digest for c in decode_manifest(data).chunks}
 
 
-def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tuple[set[str], set[str]]:
+def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tuple[set[str], set[bytes]]:
     """Every manifest and chunk a ref reaches. Raises _MarkFailed (after recording every
     broken ref in the report) if any ref or its manifest cannot be read: only a ref that is
     confirmed gone lets its objects become garbage."""
     manifests: set[str] = set()
-    chunks: set[str] = set()
+    chunks: set[bytes] = set()  # raw digests: 10^7 of them take ~0.9 GB as bytes, ~1.5 GB as hex str
     for info in backend.list(keys.REFS):
         try:
             found = read_ref(backend, info.key)
@@ -104,7 +119,7 @@ def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tu
             digest = found[0].manifest
             if digest in manifests:
                 continue
-            chunks.update(_read_manifest_chunks(backend, hash_, digest))
+            chunks.update(map(bytes.fromhex, _read_manifest_chunks(backend, hash_, digest)))
             manifests.add(digest)
         except CkptStoreError as exc:  # transient, permission, unsupported format, corrupt, missing
             report.broken_refs.append(f"{info.key}: {type(exc).__name__}: {exc}")
@@ -117,6 +132,9 @@ def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tu
 def _fail_closed_reason(report: GCReport) -> str:
     return (f"swept nothing: {len(report.broken_refs)} ref(s) could not be followed to their chunks "
             f"(fix or remove them; `ckptstore verify` tells more)")
+
+
+_LIST_FAILED = "swept nothing: listing manifests/ or chunks/ failed (see list_errors)"
 
 
 def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str, dry_run: bool = False,
@@ -134,8 +152,12 @@ def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str
         else:
             # A dry run writes nothing, so it has no server time: the local clock only changes
             # which young objects it reports as kept.
-            _sweep(backend, manifests, chunks, report, now=time.time(), min_age=min_age, lock=None)
-            report.ran = True
+            try:
+                _sweep(backend, manifests, chunks, report, now=time.time(), min_age=min_age, lock=None)
+            except _ListFailed:
+                report.reason = _LIST_FAILED
+            else:
+                report.ran = True
         report.seconds = time.monotonic() - started
         return report
 
@@ -170,7 +192,12 @@ def _collect_locked(backend: Backend, hash_: Callable[[Any], str], lock: GCLock,
             log.warning("gc of %s %s: %s", backend.url, report.reason, "; ".join(report.broken_refs))
             return
         now = lock.prove()  # the sweep starts only while the lock is provably ours
-        _sweep(backend, manifests, chunks, report, now=now, min_age=min_age, lock=lock)
+        try:
+            _sweep(backend, manifests, chunks, report, now=now, min_age=min_age, lock=lock)
+        except _ListFailed:
+            report.reason = _LIST_FAILED
+            log.warning("gc of %s %s: %s", backend.url, report.reason, "; ".join(report.list_errors))
+            return
         cleanup = getattr(backend, "cleanup_staging", None)
         if callable(cleanup):  # local staging files, S3 unfinished multipart uploads
             # Never younger than the lease TTL: a save this gc did not see (it began
@@ -197,34 +224,95 @@ def _finish_epoch(lock: GCLock, *, owner: str, swept_in: int | None) -> None:
     set_epoch(lock.backend, running=False, owner=owner, swept_in=swept_in)
 
 
-def _sweep(backend: Backend, manifests: set[str], chunks: set[str], report: GCReport, *, now: float,
-           min_age: float, lock: GCLock | None) -> None:
-    """Delete (dry run: count) unmarked manifests and chunks at least `min_age` old at server
-    time `now`. With a lock, every DELETE_BATCH deletes start with a proof of ownership."""
-    in_batch = 0
-    for prefix, keep, is_chunk in ((keys.MANIFESTS, manifests, False), (keys.CHUNKS, chunks, True)):
-        for info in backend.list(prefix):
-            try:
-                digest = keys.digest_from_key(info.key)
-            except CkptStoreError:
-                continue  # not ours: never delete what we did not write
-            if digest in keep:
-                continue
-            if now - info.modified < min_age:
-                report.kept_young += 1
-                continue
-            if lock is not None:
-                if in_batch == 0:
-                    lock.prove()
-                else:
-                    lock.ensure_owned()
-                in_batch = (in_batch + 1) % DELETE_BATCH
-                try:
-                    backend.delete(info.key)
-                except ObjectNotFoundError:
+@dataclass(frozen=True)
+class _Garbage:
+    """What the listing of one prefix found to delete, and how many unmarked objects were too young."""
+
+    doomed: list[tuple[str, int]]  # (key, size)
+    young: int
+
+
+def fanout_prefixes(prefix: str) -> list[str]:
+    """The 256 `prefix` + `xx/` folders that hold every content-addressed key under `prefix`."""
+    return [f"{prefix}{i:02x}/" for i in range(256)]
+
+
+def _is_content_key(prefix: str, key: str) -> str | None:
+    """The digest of `key` if it is exactly where this store writes that digest under `prefix`
+    (`xx/<digest>`), else None: gc never deletes what it did not write."""
+    try:
+        digest = keys.digest_from_key(key)
+    except CkptStoreError:
+        return None
+    return digest if key == f"{prefix}{digest[:2]}/{digest}" else None
+
+
+def list_content_keys(backend: Backend, prefix: str, *, threads: int = LIST_THREADS) -> list[ObjectInfo]:
+    """Every content-addressed object under `prefix` (`chunks/`, `manifests/`): the 256 fan-out
+    folders listed `threads` at a time, in folder order. Any listing error is raised."""
+    return [info for part in _map_prefixes(backend, prefix, threads, lambda infos: list(infos)) for info in part]
+
+
+def _map_prefixes(backend: Backend, prefix: str, threads: int, each: Callable[[Any], T]) -> list[T]:
+    """`each(listing)` of the content keys in every fan-out folder of `prefix`, concurrently."""
+    def one(folder: str) -> T:
+        return each(info for info in backend.list(folder) if _is_content_key(prefix, info.key) is not None)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="ckptstore-gc-list") as pool:
+        return list(pool.map(one, fanout_prefixes(prefix)))
+
+
+def _find_garbage(backend: Backend, manifests: set[str], chunks: set[bytes], *, now: float, min_age: float,
+                  threads: int) -> _Garbage:
+    """Every unmarked manifest and chunk at least `min_age` old at server time `now`, manifests
+    first. Lists everything before anything is deleted: a listing error raises, and nothing is swept."""
+    doomed: list[tuple[str, int]] = []
+    young = 0
+    for prefix, is_marked in ((keys.MANIFESTS, manifests.__contains__),
+                              (keys.CHUNKS, lambda digest: bytes.fromhex(digest) in chunks)):
+        def pick(infos: Any, prefix: str = prefix, is_marked: Callable[[str], bool] = is_marked) -> _Garbage:
+            found, too_young = [], 0
+            for info in infos:
+                if is_marked(keys.digest_from_key(info.key)):
                     continue
-            if is_chunk:
+                if now - info.modified < min_age:
+                    too_young += 1
+                    continue
+                found.append((info.key, info.size))
+            return _Garbage(found, too_young)
+
+        for part in _map_prefixes(backend, prefix, threads, pick):
+            doomed += part.doomed
+            young += part.young
+    return _Garbage(doomed, young)
+
+
+def _sweep(backend: Backend, manifests: set[str], chunks: set[bytes], report: GCReport, *, now: float,
+           min_age: float, lock: GCLock | None, threads: int = LIST_THREADS) -> None:
+    """Delete (dry run: count) unmarked manifests and chunks at least `min_age` old at server
+    time `now`. With a lock, every batch request starts with a proof of ownership and must end
+    within ttl/4 of it (see DELETE_BATCH)."""
+    try:
+        garbage = _find_garbage(backend, manifests, chunks, now=now, min_age=min_age, threads=threads)
+    except CkptStoreError as exc:
+        report.list_errors.append(f"{type(exc).__name__}: {exc}")
+        raise _ListFailed from exc
+    report.kept_young += garbage.young
+    batch = min(DELETE_BATCH, backend.max_delete_batch)
+    for start in range(0, len(garbage.doomed), batch):
+        part = garbage.doomed[start:start + batch]
+        failed: dict[str, CkptStoreError] = {}
+        if lock is not None:
+            lock.prove()
+            # No request of the batch (nor a retry) may outlast the proof: ttl/4, as ensure_owned.
+            with deadline_in(lock.ttl / 4):
+                failed = dict(backend.delete_many([key for key, _ in part]))
+        for key, size in part:
+            if key in failed:
+                report.delete_failures.append(f"{key}: {type(failed[key]).__name__}: {failed[key]}")
+                continue
+            if key.startswith(keys.CHUNKS):
                 report.deleted_chunks += 1
             else:
                 report.deleted_manifests += 1
-            report.deleted_bytes += info.size
+            report.deleted_bytes += size

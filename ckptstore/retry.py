@@ -52,7 +52,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
+from ckptstore.backends.base import (
+    OVERWRITE,
+    Backend,
+    Buffer,
+    DeleteFailures,
+    GetResult,
+    ObjectInfo,
+    PutMode,
+)
 from ckptstore.deadline import DEFAULT_DEADLINE, check_seconds, deadline_at
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -99,6 +107,7 @@ class RetryingBackend(Backend):
         self.inner = inner
         self.url = inner.url
         self.needs_canary = inner.needs_canary
+        self.max_delete_batch = inner.max_delete_batch
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -212,6 +221,28 @@ class RetryingBackend(Backend):
 
     def delete(self, key: str, *, version: str | None = None) -> None:
         self._retrying("delete", key, lambda _: self.inner.delete(key, version=version))
+
+    def delete_many(self, keys: Sequence[str]) -> DeleteFailures:
+        """The inner batch delete; only the keys that failed with TransientError are tried
+        again (with the backoff and deadline of any operation). Every other failure, and a
+        transient one still failing when out of tries, is returned."""
+        started = time.monotonic()
+        pending: Sequence[str] = keys
+        failed: DeleteFailures = []
+        tries = 0
+        while True:
+            with self._ending(started):
+                failures = self.inner.delete_many(pending)
+            tries += 1
+            transient = [(key, exc) for key, exc in failures if isinstance(exc, TransientError)]
+            failed += [(key, exc) for key, exc in failures if not isinstance(exc, TransientError)]
+            if not transient:
+                return failed
+            try:
+                self._wait_or_give_up("delete_many", transient[0][0], tries, transient[0][1], started)
+            except TransientError:
+                return failed + [(key, self._gave_up("delete_many", key, tries, exc)) for key, exc in transient]
+            pending = [key for key, _ in transient]
 
     # -- the rest ---------------------------------------------------------------------------
     def cleanup_staging(self, min_age: float, *, now: float | None = None) -> int:

@@ -454,6 +454,28 @@ class BackendConformance:
         backend.delete("del/once")
         assert self.keys_of(backend.list("")) == []
 
+    def test_delete_many_deletes_every_key_and_nothing_else(self, backend: Backend) -> None:
+        doomed = [f"many/{i}" for i in range(7)]
+        for key in [*doomed, "many-keep/a", "many/keep/b"]:
+            backend.put(key, b"x")
+        backend.max_delete_batch = 3  # several batch requests: 3 + 3 + 1
+        assert backend.delete_many(doomed) == []
+        assert sorted(self.keys_of(backend.list(""))) == ["many-keep/a", "many/keep/b"]
+
+    def test_delete_many_of_a_missing_key_is_not_an_error(self, backend: Backend) -> None:
+        backend.put("many/here", b"x")
+        assert backend.delete_many(["many/never-existed", "many/here", "nowhere/at/all"]) == []
+        assert backend.delete_many([]) == []
+        assert self.keys_of(backend.list("")) == []
+
+    def test_delete_many_returns_each_failed_key_with_its_typed_error(self, backend: Backend) -> None:
+        for key in ("many/a", "many/b"):
+            backend.put(key, b"x")
+        failures = backend.delete_many(["many/a", "a b", "many/b", "../x"])
+        assert [key for key, _ in failures] == ["a b", "../x"]
+        assert all(isinstance(error, InvalidKeyError) for _, error in failures)
+        assert self.keys_of(backend.list("")) == []  # the valid keys went, whatever the others did
+
     def test_update_after_delete_fails(self, backend: Backend) -> None:
         version = backend.put("del/upd", b"x")
         backend.delete("del/upd")
