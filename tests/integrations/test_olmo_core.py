@@ -26,7 +26,7 @@ from olmo_core.data import DataCollator, NumpyFSLDataLoader, NumpyFSLDataset
 from olmo_core.distributed.parallel import DataParallelType
 from olmo_core.nn.transformer import TransformerConfig
 from olmo_core.optim import AdamWConfig
-from olmo_core.train import Duration, TrainerConfig
+from olmo_core.train import Duration, LoadStrategy, TrainerConfig
 from olmo_core.train.callbacks import Callback
 from olmo_core.train.train_module import TransformerDataParallelConfig, TransformerTrainModuleConfig
 from torch.distributed.device_mesh import init_device_mesh
@@ -237,11 +237,12 @@ class _Trained(Callback):
         self.steps.append(self.step)
 
 
-def _trainer_job(rank: int, tmp: str, url: str, name: str, max_steps: int) -> None:
-    """OLMo-core's own Trainer (tiny llama-like transformer, FSDP, numpy token data) with
-    StoreCheckpointer: a permanent checkpoint every 2 steps, an ephemeral one at the others."""
-    os.environ["OLMO_SHARED_FS"] = "1"  # the ranks share tmp (OLMo-core asks before using a local save_folder)
-    ranks.join_group(rank, tmp, name)
+def _fit(rank: int, tmp: str, url: str, name: str, max_steps: int, save_overwrite: bool = False,
+         resume: bool = True) -> dict[str, Any]:
+    """Fit OLMo-core's own Trainer (tiny llama-like transformer, FSDP, numpy token data) with
+    StoreCheckpointer: a permanent checkpoint every 2 steps, an ephemeral one at the others.
+    Without `resume` it starts from scratch (and saves step 0 again) whatever the store holds.
+    What it trained, and its final weights or the StepExistsError that stopped it."""
     dataset = NumpyFSLDataset(f"{tmp}/tokens.npy", sequence_length=SEQ, pad_token_id=0, eos_token_id=0,
                               vocab_size=VOCAB)
     dataset.work_dir = Path(tmp, f"work-{name}")
@@ -258,13 +259,24 @@ def _trainer_job(rank: int, tmp: str, url: str, name: str, max_steps: int) -> No
     trainer = TrainerConfig(
         save_folder=f"{tmp}/save", work_dir=f"{tmp}/work-{name}", device="cpu", metrics_collect_interval=1,
         max_duration=Duration.steps(max_steps), checkpointer=StoreCheckpointerConfig(store_url=url),
+        save_overwrite=save_overwrite, load_strategy=LoadStrategy.if_available if resume else LoadStrategy.never,
         callbacks={"checkpointer": StoreCheckpointerCallback(save_interval=2, ephemeral_save_interval=1,
-                                                                             save_async=False),
+                                                             save_async=False),
                    "trained": trained}).build(module, loader)
     assert isinstance(trainer.checkpointer, StoreCheckpointer)
-    trainer.fit()
-    weights = {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}
-    ranks.report(tmp, name, rank, {"steps": trained.steps, "weights": weights})
+    try:
+        trainer.fit()
+    except StepExistsError as exc:
+        return {"refused": _refusal(exc), "steps": trained.steps}
+    return {"steps": trained.steps, "weights": {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}}
+
+
+def _trainer_job(rank: int, tmp: str, url: str, name: str, max_steps: int, save_overwrite: bool = False,
+                 resume: bool = True) -> None:
+    """One job: a process group, one Trainer (OLMo-core builds its world mesh once per process)."""
+    os.environ["OLMO_SHARED_FS"] = "1"  # the ranks share tmp (OLMo-core asks before using a local save_folder)
+    ranks.join_group(rank, tmp, name)
+    ranks.report(tmp, name, rank, _fit(rank, tmp, url, name, max_steps, save_overwrite, resume))
     ranks.leave()
 
 
@@ -285,6 +297,29 @@ def test_olmo_core_trainer_resumes_from_the_store_as_if_uninterrupted(tmp_path: 
     for first, second in zip(uninterrupted, resumed, strict=True):
         assert first["steps"] == [1, 2, 3, 4, 5, 6] and second["steps"] == [5, 6]  # resumed after step 4
         assert second["weights"] == first["weights"], "the resumed run ended with other weights"
+
+
+def test_olmo_core_trainer_save_overwrite_is_the_seed_bug_fixed(tmp_path: Path) -> None:
+    """The seed: a Trainer started from scratch over existing checkpoints with --save_overwrite
+    died with "Checkpoint for step 0 already exists". Here it replaces step 0; without the
+    flag every rank gets StepExistsError naming it, and the store keeps the first run's steps."""
+    tmp, url = str(tmp_path), str(tmp_path / "store")
+    np.random.default_rng(0).integers(1, VOCAB, size=64 * SEQ, dtype=np.uint16).tofile(tmp_path / "tokens.npy")
+    ranks.run(_trainer_job, tmp, url, "first", 1)
+    store = ckptstore.open(url, create=False)
+    first = {step: store.ref(step).manifest for step in store.steps()}
+    assert sorted(first) == [0, 1]
+    ranks.run(_trainer_job, tmp, url, "refused", 1, False, False)  # from scratch, no save_overwrite
+    for report in ranks.reports(tmp, "refused"):
+        assert report["refused"]["type"] == "StepExistsError" and report["refused"]["step"] == 0, report
+        assert "save_overwrite=True" in report["refused"]["message"]
+        assert report["steps"] == []  # refused at the pre-train checkpoint, before any step
+    ranks.run(_trainer_job, tmp, url, "overwriting", 1, True, False)  # from scratch, --save_overwrite
+    assert [report["steps"] for report in ranks.reports(tmp, "overwriting")] == [[1], [1]]
+    assert store.steps() == [0, 1]
+    for step in (0, 1):  # replaced by the --save_overwrite run; the refused run changed nothing
+        ref = store.ref(step)
+        assert ref.seq == 2 and ref.replaces == first[step], (step, ref)
 
 
 def test_a_stored_trainer_state_that_would_need_pickle_is_refused_with_a_format_error() -> None:
