@@ -316,3 +316,6 @@ def _sweep(backend: Backend, manifests: set[str], chunks: set[bytes], report: GC
             else:
                 report.deleted_manifests += 1
             report.deleted_bytes += size
+    if report.delete_failures:
+        report.reason = f"{len(report.delete_failures)} object(s) could not be deleted and were kept (delete_failures)"
+        log.warning("gc of %s: %s: %s", backend.url, report.reason, "; ".join(report.delete_failures[:10]))

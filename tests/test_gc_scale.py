@@ -123,6 +123,7 @@ def test_a_failed_delete_in_a_batch_is_reported_and_its_object_kept(space: str) 
     report = _store(view).gc(min_age=0)
     assert report.failed and len(report.delete_failures) == 1, report
     assert report.delete_failures[0].startswith(f"{victim}: PermissionDeniedError")
+    assert report.reason == "1 object(s) could not be deleted and were kept (delete_failures)"
     assert report.deleted_chunks + report.deleted_manifests == len(garbage) - 1
     assert _content_objects(inner) == live | {victim}
 
