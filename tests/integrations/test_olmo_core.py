@@ -322,6 +322,49 @@ def test_olmo_core_trainer_save_overwrite_is_the_seed_bug_fixed(tmp_path: Path) 
         assert ref.seq == 2 and ref.replaces == first[step], (step, ref)
 
 
+def _async_checkpointer_job(rank: int, tmp: str, url: str) -> None:
+    """StoreCheckpointer.save_async and load with OLMo-core's transformer train module, no Trainer."""
+    ranks.join_group(rank, tmp, "async")
+    torch.manual_seed(0)
+    model = TransformerConfig.llama_like(d_model=32, vocab_size=VOCAB, n_layers=2, n_heads=2).build(init_device="cpu")
+    module = TransformerTrainModuleConfig(
+        rank_microbatch_size=2 * SEQ, max_sequence_length=SEQ, optim=AdamWConfig(lr=1e-2),
+        dp_config=TransformerDataParallelConfig(name=DataParallelType.fsdp)).build(model, device=torch.device("cpu"))
+    checkpointer = StoreCheckpointerConfig(store_url=url).build(process_group=dist.new_group(backend="gloo"),
+                                                                 work_dir=f"{tmp}/work")
+    train_state = {"global_step": 3, "rank": rank, "numpy": np.random.default_rng(rank).random(3)}
+    saved = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    checkpointer.save_async(f"{tmp}/save/step3", module, train_state).result()
+    refused = None
+    try:
+        checkpointer.save_async(f"{tmp}/save/step3", module, train_state).result()
+    except StepExistsError as exc:
+        refused = _refusal(exc)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    loaded = checkpointer.load(f"{tmp}/save/step3", module)
+    assert loaded is not None
+    ranks.report(tmp, "async", rank, {
+        "refused": refused, "weights_restored": _equal({k: v.full_tensor() for k, v in model.state_dict().items()},
+                                                       saved),
+        "train_state": {"global_step": loaded["global_step"], "rank": loaded["rank"],
+                        "numpy_equal": bool((loaded["numpy"] == train_state["numpy"]).all())},
+        "found": [step for step, _ in checkpointer.find_checkpoints(f"{tmp}/save")],
+        "latest": checkpointer.latest_checkpoint(f"{tmp}/save")})
+    ranks.leave()
+
+
+def test_store_checkpointer_save_async_commits_and_loads_each_ranks_trainer_state(tmp_path: Path) -> None:
+    tmp, url = str(tmp_path), str(tmp_path / "store")
+    ranks.run(_async_checkpointer_job, tmp, url)
+    for rank, report in enumerate(ranks.reports(tmp, "async")):
+        assert report["refused"] is not None and "save_overwrite=True" in report["refused"]["message"], report
+        assert report["weights_restored"], report
+        assert report["train_state"] == {"global_step": 3, "rank": rank, "numpy_equal": True}  # its own rank's
+        assert report["found"] == [3] and report["latest"] == f"{tmp}/save/step3"
+
+
 def test_a_stored_trainer_state_that_would_need_pickle_is_refused_with_a_format_error() -> None:
     state = {"rng": {"numpy": ("MT19937", np.arange(4, dtype=np.uint32), 0)}, "global_step": 4}
     assert integration._decode_train_state(integration._encode_train_state(state), "here")["global_step"] == 4
