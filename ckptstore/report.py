@@ -12,6 +12,7 @@ from typing import Any
 from ckptstore import keys
 from ckptstore.chunkio import bounded_map
 from ckptstore.errors import FormatError, ObjectNotFoundError
+from ckptstore.lscache import RefCache
 from ckptstore.manifest import MAX_REF_BYTES, Manifest, Ref, decode_ref, summarize
 from ckptstore.store import Store
 from ckptstore.tree import TensorRef, decode_tree, format_path, map_tensors
@@ -47,14 +48,25 @@ class TensorSummary:
     nbytes: int
 
 
-def step_summaries(store: Store) -> list[StepSummary]:
+def step_summaries(store: Store, *, cache: bool = True) -> list[StepSummary]:
     """Every committed step in order, with its sizes: one listing of refs/steps/, then one
     GET per ref, concurrently (store.threads). A ref carries its step's summary; only a ref
-    written before summaries existed costs a manifest read."""
+    written before summaries existed costs a manifest read. With `cache` (not for memory://),
+    refs whose listed version is unchanged since the last call come from the client-side
+    cache (ckptstore.lscache) without a GET."""
     store._require_store()  # StoreNotFoundError rather than an empty list
-    listed = sorted((step, info.key) for info in store.backend.list(keys.STEP_REFS)
+    listed = sorted((step, info.key, info.version) for info in store.backend.list(keys.STEP_REFS)
                     if (step := keys.step_from_ref_key(info.key)) is not None)
-    refs = bounded_map(lambda item: _read_step_ref(store, *item), listed, store.threads)
+    known = RefCache(store.url) if cache and not store.url.startswith("memory://") else None
+
+    def read(step: int, key: str, version: str) -> Ref | None:
+        cached = known.get(key, version) if known is not None else None
+        return cached if cached is not None and cached.step == step else _read_step_ref(store, step, key)
+
+    refs = list(bounded_map(lambda item: read(*item), listed, store.threads))
+    if known is not None:  # only refs with a summary: a summary-less row depends on other steps
+        known.replace_all({key: (version, ref) for (_, key, version), ref in zip(listed, refs, strict=True)
+                           if ref is not None and ref.summary is not None})
     seen: set[str] = set()  # chunks of the earlier summary-less steps
     rows = []
     for ref in refs:

@@ -154,7 +154,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The store and its I/O.
     "store": ("chunkio", "kernel", "distributed", "async_save", "store", "dcp", "stepreader", "diff"),
     # Operator tools and the package's front door.
-    "tools": ("verify", "report", "copy", "interop", "display", "demo", "cli", ""),
+    "tools": ("verify", "lscache", "report", "copy", "interop", "display", "demo", "cli", ""),
     # Trainer integrations: each imports its trainer's package and the store's DCP layer.
     "integrations": ("integrations", "integrations.olmo_core", "integrations.torchtitan", "integrations.lightning",
                      "integrations.transformers"),

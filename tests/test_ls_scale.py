@@ -8,6 +8,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,81 @@ def test_cli_ls_json_shows_the_summary_and_tags(memory_url: str, capsys: pytest.
     assert [(r["step"], r["tags"], r["new_bytes"], r["stored_bytes"]) for r in listed] == \
         [(s, ["first"] if s == 0 else [], summ.new_bytes, summ.stored_bytes)
          for s, summ in zip((0, 1), summaries, strict=True) if summ is not None]
+
+
+# -- the client-side cache: a repeated ls reads the listing only ---------------------------------
+def _ls_counting(url: str) -> tuple[list[tuple[int, int, int, int, int]], Counter[tuple[str, str]]]:
+    store = ckptstore.open(url, create=False)
+    counting = CountingBackend(store.backend)
+    store.backend = counting
+    with store:
+        rows = [(r.step, r.tensors, r.logical_bytes, r.stored_bytes, r.new_bytes) for r in step_summaries(store)]
+    return rows, _counts(counting)
+
+
+def test_repeated_ls_reads_no_ref_and_new_steps_one_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    url = str(tmp_path / "store")
+    _store_with_steps(url, 6)
+    first, calls = _ls_counting(url)
+    assert calls[("get", "refs")] == 6
+    again, calls = _ls_counting(url)
+    assert again == first
+    assert calls[("get", "refs")] == 0 and calls[("get", "manifests")] == 0
+    assert calls[("list", keys.STEP_REFS)] == 1
+    with _open(url) as store:
+        store.save(6, _state(6))
+        store.save(7, _state(7))
+        store.save(2, _state(20), overwrite=True)  # a new version of a listed ref
+        store.delete(4)
+    later, calls = _ls_counting(url)
+    assert calls[("get", "refs")] == 3  # steps 6, 7 and the replaced 2
+    assert [row[0] for row in later] == [0, 1, 2, 3, 5, 6, 7]
+    assert later == _ls_uncached(url)
+
+
+def _ls_uncached(url: str) -> list[tuple[int, int, int, int, int]]:
+    with ckptstore.open(url, create=False) as store:
+        return [(r.step, r.tensors, r.logical_bytes, r.stored_bytes, r.new_bytes)
+                for r in step_summaries(store, cache=False)]
+
+
+@pytest.mark.parametrize("damage", [b"", b"{not json", b'{"v": 1, "url": "x", "refs": {}}',
+                                    b"garbage that is not a cache"])
+def test_a_corrupt_or_foreign_cache_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               damage: bytes) -> None:
+    monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    url = str(tmp_path / "store")
+    _store_with_steps(url, 3)
+    rows, _ = _ls_counting(url)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    cache_file.write_bytes(damage)
+    again, calls = _ls_counting(url)
+    assert again == rows and calls[("get", "refs")] == 3
+
+
+def test_a_cache_entry_with_tampered_ref_bytes_is_a_miss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    url = str(tmp_path / "store")
+    _store_with_steps(url, 2)
+    rows, _ = _ls_counting(url)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    cached = json.loads(cache_file.read_text())
+    for entry in cached["refs"].values():
+        entry[1] = entry[1][:-6]  # truncated ref bytes
+    cache_file.write_text(json.dumps(cached))
+    again, calls = _ls_counting(url)
+    assert again == rows and calls[("get", "refs")] == 2
+
+
+def test_cache_dir_honours_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptstore.lscache import cache_dir
+
+    monkeypatch.delenv("CKPTSTORE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "ckptstore"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "ckptstore"
+    monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
