@@ -12,8 +12,8 @@ Rows (seconds; the slowest rank's time between two barriers; the median of --run
   `async_mode="async"`: `save(step)` + `maybe_wait_for_saving()`; resume is `load()` in a new
   manager over a freshly built model.
 Each run saves into a fresh directory / store, so every save is a first save (no dedup); a
-warm-up run at width 8 goes first and is not recorded. The
-registry in benchmarks/integrations.py (when present) can import `TIMINGS`.
+warm-up run at width 8 goes first and is not recorded. `register()` adds both to the registry
+of `python -m benchmarks --integrations` (benchmarks/integrations.py) at width 64.
 
 Needs `pip install 'ckptstore[olmo-core,torchtitan]'`.
 """
@@ -182,6 +182,37 @@ def measure(names: list[str], *, width: int, runs: int, scratch: Path) -> dict[s
     raw: dict[str, list[dict[str, float]]] = json.loads(out.read_text())
     return {name: {row: statistics.median(run[row] for run in runs_) for row in runs_[0]}
             for name, runs_ in raw.items()}
+
+
+# -- the registry of `python -m benchmarks --integrations` (benchmarks/integrations.py) --------
+#: Width of the model the registry times: the tiny one of the other integrations' rows.
+REGISTRY_WIDTH = 64
+_WHAT = {
+    "olmo-core": "2 gloo ranks; save: OLMo-core's save_model_and_optim_state to a dir vs the integration's to a "
+                 "store; resume: load_model_and_optim_state into a fresh FSDP model",
+    "torchtitan": "2 gloo ranks; save: CheckpointManager (folder) vs StoreCheckpointManager, async, save + wait; "
+                  "resume: load() in a new manager",
+}
+_REQUIRES = {"olmo-core": ("olmo_core",), "torchtitan": ("torchtitan",)}
+
+
+def _registry_measure(name: str) -> Callable[[Path], dict[str, float]]:
+    """The registry's measure(tmp) for `name`: one run on WORLD spawned ranks, its four ops."""
+
+    def measure_one(tmp: Path) -> dict[str, float]:
+        rows = measure([name], width=REGISTRY_WIDTH, runs=1, scratch=Path(tempfile.mkdtemp(dir=tmp)))[name]
+        return {"own_save": rows["trainer save"], "store_save": rows["ckptstore save"],
+                "own_resume": rows["trainer resume"], "store_resume": rows["ckptstore resume"]}
+
+    return measure_one
+
+
+def register() -> None:
+    """Add olmo-core and torchtitan to benchmarks/integrations.py's REGISTRY."""
+    from benchmarks.integrations import integration
+
+    for name in TIMINGS:
+        integration(name, requires=_REQUIRES[name], what=_WHAT[name])(_registry_measure(name))
 
 
 def main(argv: list[str] | None = None) -> int:
