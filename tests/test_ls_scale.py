@@ -159,9 +159,11 @@ def _ls_counting(url: str) -> tuple[list[tuple[int, int, int, int, int]], Counte
     return rows, _counts(counting)
 
 
-def test_repeated_ls_reads_no_ref_and_new_steps_one_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repeated_ls_reads_no_ref_and_new_steps_one_each(shared_store_url: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On every backend whose listing reports versions (local, S3 ETags, GCS generations)."""
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "cache"))
-    url = str(tmp_path / "store")
+    url = shared_store_url
     _store_with_steps(url, 6)
     first, calls = _ls_counting(url)
     assert calls[("get", "refs")] == 6
