@@ -60,19 +60,30 @@ def run_scaling_task(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def gc_reachable_set_bytes(n: int, *, as_bytes: bool) -> int:
+def gc_reachable_set_bytes(n: int, kind: str) -> int:
     """tracemalloc's peak while gc's reachable-chunk set for `n` synthetic 32-byte digests is
-    built (the set and its items; the hex strings come one at a time, as from manifests):
-    `as_bytes` as gc.py keeps them (bytes.fromhex), else as the hex str it kept before."""
+    built, fed as from manifests of 10,000 chunks each (hex str): `kind` "hex_str" (a set of
+    str, gc before issue 13), "bytes" (a set of bytes.fromhex) or "digest_set" (gc.DigestSet,
+    what gc keeps now). The hex strings of one manifest at a time count too."""
     import hashlib
     import tracemalloc
 
+    from ckptstore.gc import DigestSet
+
+    def manifests() -> Any:
+        for start in range(0, n, 10_000):
+            yield [hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(start, min(n, start + 10_000))]
+
     tracemalloc.start()
     try:
-        if as_bytes:
-            reachable: set[Any] = {bytes.fromhex(hashlib.sha256(i.to_bytes(8, "little")).hexdigest()) for i in range(n)}
-        else:
-            reachable = {hashlib.sha256(i.to_bytes(8, "little")).hexdigest() for i in range(n)}
+        reachable: Any = DigestSet() if kind == "digest_set" else set()
+        for digests in manifests():
+            if kind == "digest_set":
+                reachable.add(digests)
+            else:
+                reachable.update(map(bytes.fromhex, digests) if kind == "bytes" else digests)
+        if kind == "digest_set":
+            reachable.freeze()
         _, peak = tracemalloc.get_traced_memory()
         assert len(reachable) == n
     finally:
@@ -81,14 +92,15 @@ def gc_reachable_set_bytes(n: int, *, as_bytes: bool) -> int:
 
 
 def gc_memory(n: int = 1_000_000) -> dict[str, float]:
-    """`python -m benchmarks.scaling --gc-memory [N]`: gc's reachable-set memory for N chunks,
-    hex str (before) and raw bytes (now), and both extrapolated (linearly) to 10^7 chunks."""
+    """`python -m benchmarks.scaling --gc-memory [N]`: gc's reachable-set memory for N chunks
+    (hex str before, DigestSet now, and a set of bytes for comparison), each extrapolated
+    (linearly) to 10^7 chunks."""
     out: dict[str, float] = {"chunks": n}
-    for name, as_bytes in (("hex_str", False), ("bytes", True)):
-        peak = gc_reachable_set_bytes(n, as_bytes=as_bytes)
-        out[f"{name}_bytes_per_chunk"] = peak / n
-        out[f"{name}_MB_at_n"] = peak / 1e6
-        out[f"{name}_GB_at_1e7"] = peak / n * 1e7 / 1e9
+    for kind in ("hex_str", "bytes", "digest_set"):
+        peak = gc_reachable_set_bytes(n, kind)
+        out[f"{kind}_bytes_per_chunk"] = round(peak / n, 1)
+        out[f"{kind}_MB_at_n"] = round(peak / 1e6, 1)
+        out[f"{kind}_GB_at_1e7"] = round(peak / n * 1e7 / 1e9, 3)
     return out
 
 
