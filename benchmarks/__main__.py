@@ -4,8 +4,10 @@
 import sys
 
 if "--integrations" in sys.argv[1:]:
+    from benchmarks import integrations_dist
     from benchmarks.integrations import main as integrations_main
 
+    integrations_dist.register()  # olmo-core and torchtitan: 2 gloo ranks each
     sys.exit(integrations_main([a for a in sys.argv[1:] if a != "--integrations"]))
 
 from benchmarks.run import main
