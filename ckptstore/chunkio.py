@@ -1,8 +1,8 @@
 """Moving chunks between tensors and a backend: hash, dedup, compress, put; get, check, land.
 
 Both directions are a bounded pipeline on a thread pool: each task takes one chunk through
-every stage (save: slice or pack -> hash -> exists-check -> compress -> put; load: get ->
-decompress -> land -> hash-check), and at most 2 x threads chunks are in flight, so memory
+every stage (save: slice or pack -> hash -> known to the previous step, or exists-check ->
+compress -> put; load: get -> decompress -> land -> hash-check), and at most 2 x threads chunks are in flight, so memory
 stays at a few chunks beyond the state itself. One task per chunk, rather than a thread per
 stage, because every stage releases the GIL (blake3, zstd, numpy copies, file and socket
 I/O) and a chunk's bytes stay hot in that core's cache from hash to put.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -123,23 +123,39 @@ class ChunkWriter:
 
     `elements` (one per source tensor, optional) lets compression byte-shuffle by the
     tensor's element size and always compress integer data; without it chunks are bytes.
+
+    `known` (digest -> ChunkEntry, optional: `knownchunks.previous_chunks`, the chunks of the
+    store's latest step read after the save's lease exists) are taken as stored without a
+    request: neither `head`ed nor put, their stored size taken from the entry. Only a caller
+    whose settle then runs `restore_missing` may pass it (docs/FORMAT.md, "The protocol").
     """
 
     def __init__(self, backend: Backend, hash_fn: Callable[[Any], str], compression: Compression, threads: int,
-                 *, elements: Sequence[ElementType] | None = None):
+                 *, elements: Sequence[ElementType] | None = None, known: Mapping[str, ChunkEntry] | None = None):
         self.backend = backend
         self.hash_fn = hash_fn
         self.compression = compression
         self.threads = threads
         self.elements = list(elements) if elements is not None else None
+        self.known: Mapping[str, ChunkEntry] = known if known is not None else {}
+        self.skipped = 0  # planned chunks taken from `known` without a request
+        self._lock = threading.Lock()
 
-    def write(self, plan: ChunkPlan, sources: list[memoryview]) -> list[WrittenChunk]:
-        """Write every chunk of `plan`; returns one result per planned chunk, in order."""
-        return list(bounded_map(lambda chunk: self._write_one(chunk, sources), plan.chunks, self.threads))
+    def write(self, plan: ChunkPlan, sources: list[memoryview], *, use_known: bool = True) -> list[WrittenChunk]:
+        """Write every chunk of `plan`; returns one result per planned chunk, in order.
+        `use_known=False` checks every chunk with the backend (`restore_missing` does)."""
+        known = self.known if use_known else {}
+        return list(bounded_map(lambda chunk: self._write_one(chunk, sources, known), plan.chunks, self.threads))
 
-    def _write_one(self, chunk: PlannedChunk, sources: list[memoryview]) -> WrittenChunk:
+    def _write_one(self, chunk: PlannedChunk, sources: list[memoryview],
+                   known: Mapping[str, ChunkEntry]) -> WrittenChunk:
         raw = _materialize(chunk, sources)
         digest = self.hash_fn(raw)
+        entry = known.get(digest)
+        if entry is not None and entry.raw_size == chunk.size:  # sizes that disagree: not trusted, head it
+            with self._lock:
+                self.skipped += 1
+            return WrittenChunk(ChunkEntry(digest, chunk.size, entry.stored_size), written=False)
         key = chunk_key(digest)
         size, written = put_chunk(self.backend, key,
                                   lambda: encode_chunk(raw, self.compression, self._element(chunk)))
@@ -156,7 +172,9 @@ class ChunkWriter:
 def restore_missing(writer: ChunkWriter, plan: ChunkPlan, written: list[WrittenChunk],
                     sources: list[memoryview]) -> int:
     """Re-upload the planned chunks whose objects are gone (a gc swept them after this save
-    deduplicated or wrote them); returns how many planned chunks were re-written.
+    deduplicated, wrote or skipped them as known); returns how many planned chunks were
+    re-written. Every chunk of `written` is `head`ed, the ones the writer took from its
+    `known` mapping too, and a missing one is put from `sources`, never skipped again.
 
     Their entries in `written` are replaced by the new ones: a chunk first deduplicated
     against another writer's copy (another compression, another stored size) is now stored as
@@ -167,7 +185,7 @@ def restore_missing(writer: ChunkWriter, plan: ChunkPlan, written: list[WrittenC
                        strict=True))
     slots = [slot for slot, r in enumerate(written) if not present[r.entry.digest]]
     if slots:
-        again = writer.write(ChunkPlan([plan.chunks[slot] for slot in slots], []), sources)
+        again = writer.write(ChunkPlan([plan.chunks[slot] for slot in slots], []), sources, use_known=False)
         for slot, result in zip(slots, again, strict=True):
             written[slot] = result
     return len(slots)

@@ -58,6 +58,7 @@ from ckptstore.errors import (
 )
 from ckptstore.gclock import settle_with_gc
 from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
+from ckptstore.knownchunks import previous_chunks
 from ckptstore.leases import DEFAULT_TTL, Lease, LockInfo, clear_stale, list_locks
 from ckptstore.manifest import (
     MAX_MANIFEST_BYTES,
@@ -277,8 +278,9 @@ class StoreKernel:
 
         tree = encode_tree(state, on_tensor)
         plan = plan_chunks([s.data.nbytes for s in sources], self.chunking)
+        # Under the lease, after the epoch read: the settle below covers the skipped chunks too.
         writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads,
-                             elements=[s.element for s in sources])
+                             elements=[s.element for s in sources], known=self.previous_chunks())
         written = writer.write(plan, [s.data for s in sources])
         # Settle with gc before the manifest is built: chunks a sweep took are put back, and
         # the manifest then records them as stored now (docs/FORMAT.md, "The protocol").
@@ -314,6 +316,13 @@ class StoreKernel:
             chunks=len(chunks), new_chunks=len(new), new_bytes=sum(new.values()),
             seconds=time.perf_counter() - started,
         )
+
+    def previous_chunks(self) -> dict[str, ChunkEntry]:
+        """Digest -> ChunkEntry of the latest committed step's chunks, which a save passes to
+        `ChunkWriter(known=...)` to skip their `head`s; empty when unsure (ckptstore/knownchunks.py).
+        Call it only after reading the epoch and creating the save lease, and settle with
+        `restore_missing` before the manifest is put (docs/FORMAT.md, "The protocol")."""
+        return previous_chunks(self)
 
     def _settle_with_gc(self, epoch_at_start: Epoch, plan: ChunkPlan, written: list[WrittenChunk],
                         writer: ChunkWriter, sources: list[memoryview]) -> None:

@@ -91,11 +91,15 @@ class RetryingBackend(Backend):
     """Forwards to `inner`, retrying TransientError with exponential backoff and jitter.
 
     The n-th retry waits a random time in [d/2, d], d = min(max_delay, base_delay * 2**n).
-    `sleep` is injectable so tests run without waiting. See the module docstring.
+    `sleep` is injectable so tests run without waiting; `clock` (seconds, default
+    `time.monotonic()`) is what the deadline is judged by, so a test whose `sleep` only advances
+    a simulated clock (ckptstore.testing.wrappers.SimulatedClock) passes that clock's `now`
+    too and its deadline runs on simulated time. See the module docstring.
     """
 
     def __init__(self, inner: Backend, *, attempts: int = DEFAULT_ATTEMPTS, base_delay: float = 0.2,
-                 max_delay: float = 5.0, deadline: Any = _INNER, sleep: Callable[[float], None] = time.sleep):
+                 max_delay: float = 5.0, deadline: Any = _INNER, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] | None = None):
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
             raise InvalidArgumentError(f"attempts must be an int of at least 1, got {attempts!r}")
         for name, value in (("base_delay", base_delay), ("max_delay", max_delay)):
@@ -113,6 +117,7 @@ class RetryingBackend(Backend):
         self.max_delay = max_delay
         self.deadline = deadline
         self._sleep = sleep
+        self._clock = clock
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (0-based)."""
@@ -125,23 +130,31 @@ class RetryingBackend(Backend):
         error.attempts = tries  # type: ignore[attr-defined]
         return error
 
+    def _now(self) -> float:
+        return time.monotonic() if self._clock is None else self._clock()
+
     def _ending(self, since: float) -> contextlib.AbstractContextManager[None]:
         """The deadline of a try of an operation begun (or last making progress) at `since`,
-        for the layers below (ckptstore.deadline)."""
-        return contextlib.nullcontext() if self.deadline is None else deadline_at(since, self.deadline)
+        for the layers below (ckptstore.deadline), which count in `time.monotonic()`: the time
+        left by our clock is carried over to it."""
+        if self.deadline is None:
+            return contextlib.nullcontext()
+        if self._clock is not None:
+            since = time.monotonic() - (self._clock() - since)
+        return deadline_at(since, self.deadline)
 
     def _wait_or_give_up(self, operation: str, key: str, tries: int, last: TransientError, since: float) -> None:
         """After `tries` failed tries: sleep before the next one, or raise when out of tries, or
         when the sleep would end past the deadline (no new try could start in time)."""
         delay = self.backoff(tries - 1)
-        out_of_time = self.deadline is not None and time.monotonic() + delay - since >= self.deadline
+        out_of_time = self.deadline is not None and self._now() + delay - since >= self.deadline
         if tries >= self.attempts or out_of_time:
             raise self._gave_up(operation, key, tries, last) from last
         self._sleep(delay)
 
     def _retrying(self, operation: str, key: str, call: Callable[[int], T]) -> T:
         """Run `call(try_number)` until it returns, raises a non-transient error, or we give up."""
-        started = time.monotonic()
+        started = self._now()
         tries = 0
         while True:
             try:
@@ -172,7 +185,7 @@ class RetryingBackend(Backend):
         """Every object under `prefix`; a listing that fails part-way starts over and skips
         the keys already yielded (order is not guaranteed on every server, so no resume token)."""
         yielded: set[str] = set()
-        progress = time.monotonic()  # the deadline counts from here: the start, or the last key received
+        progress = self._now()  # the deadline counts from here: the start, or the last key received
         tries = 0
         while True:
             try:
@@ -183,7 +196,7 @@ class RetryingBackend(Backend):
                         info = next(listing, None)
                     if info is None:
                         return
-                    progress = time.monotonic()
+                    progress = self._now()
                     if info.key not in yielded:
                         yielded.add(info.key)
                         yield info
@@ -226,7 +239,7 @@ class RetryingBackend(Backend):
         """The inner batch delete; only the keys that failed with TransientError are tried
         again (with the backoff and deadline of any operation). Every other failure, and a
         transient one still failing when out of tries, is returned."""
-        started = time.monotonic()
+        started = self._now()
         pending: Sequence[str] = keys
         failed: DeleteFailures = []
         tries = 0

@@ -551,11 +551,19 @@ def test_retention_keeps_a_step_recommitted_between_its_read_and_its_delete(spac
     store = _store(inner)
     store.save(1, _state(1))
 
-    def recommit() -> None:
-        _store(inner).save(1, _state(11), overwrite=True)
+    # After step 2's commit, the next head of step 1's ref is retention's (the save read that
+    # ref before, for the chunks it need not head).
+    committed, recommitted = threading.Event(), threading.Event()
 
-    view = HookBackend(inner, [Hook("head", r"^refs/steps/0+1$", after=recommit)])
+    def recommit() -> None:
+        if committed.is_set() and not recommitted.is_set():
+            recommitted.set()
+            _store(inner).save(1, _state(11), overwrite=True)
+
+    view = HookBackend(inner, [Hook("put", r"^refs/steps/0+2$", after=committed.set),
+                               Hook("head", r"^refs/steps/0+1$", after=recommit, times=None)])
     info = _store(view).save(2, _state(2), keep_last=1)
+    assert recommitted.is_set()
     assert info.retention_deleted == () and info.retention_errors == ()
     assert _equal(_store(inner).load(1), 11)
 

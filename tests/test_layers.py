@@ -152,7 +152,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # The protocol: commits, leases, the gc lock and epoch, gc.
     "protocol": ("commit", "canary", "liveness", "lockfile", "serverclock", "leases", "epoch", "gclock", "gc"),
     # The store and its I/O.
-    "store": ("chunkio", "kernel", "distributed", "async_save", "store", "dcp", "stepreader", "diff"),
+    "store": ("chunkio", "knownchunks", "kernel", "distributed", "async_save", "store", "dcp", "stepreader", "diff"),
     # Operator tools and the package's front door.
     "tools": ("verify", "lscache", "report", "copy", "interop", "display", "demo", "cli", ""),
     # Trainer integrations: each imports its trainer's package and the store's DCP layer.

@@ -146,3 +146,78 @@ class SlowDeleteBackend(ForwardingBackend):
     def delete(self, key: str, *, version: str | None = None) -> None:
         time.sleep(self.delay)
         super().delete(key, version=version)
+
+
+class SimulatedClock:
+    """A clock that moves only when something sleeps on it: `now()` and `sleep(seconds)`.
+
+    Give `sleep` and `now` to `RetryingBackend(sleep=..., clock=...)` and `now` to
+    `PrefixRateLimitedBackend(clock=...)`: backoff then refills the rate limiter's buckets
+    without real waiting, and `now()` at the end is the time the retries would have taken.
+    One thread sleeping at a time is exact; concurrent sleeps add up here where real ones
+    overlap, so a many-threaded run over-counts time."""
+
+    def __init__(self, start: float = 0.0):
+        self._now = start
+        self.slept = 0.0  # seconds slept in all
+        self.sleeps = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        with self._lock:
+            return self._now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self._now += max(0.0, seconds)
+            self.slept += max(0.0, seconds)
+            self.sleeps += 1
+
+
+def fan_out_prefix(key: str) -> str:
+    """The key's first two path segments with their slashes (``chunks/ab/``; a key with fewer
+    segments: its first one, ``refs/``): S3's per-prefix request limits as they apply once a
+    bucket has been partitioned along the 256 fan-out folders."""
+    parts = key.split("/")
+    return "/".join(parts[:2]) + "/" if len(parts) > 2 else parts[0] + "/"
+
+
+class PrefixRateLimitedBackend(ForwardingBackend):
+    """Refuses puts beyond `rate` per second per key prefix, as S3 does (3,500 PUT/COPY/POST/
+    DELETE per second per partitioned prefix), with the error the S3 backend raises for a 503
+    SlowDown (`backends.s3.typed_error`: a TransientError, which RetryingBackend retries).
+
+    Each prefix (`prefix(key)`, default `fan_out_prefix`; ``lambda key: ""`` for a bucket not
+    yet partitioned) has a token bucket of `burst` tokens (default: one second's worth),
+    refilled at `rate` per second of `clock` (default `time.monotonic`; a SimulatedClock's
+    `now` for deterministic tests). A put takes a token or is refused without reaching
+    `inner`. `accepted` / `refused` count puts per prefix."""
+
+    def __init__(self, inner: Backend, *, rate: float = 3500.0, burst: float | None = None,
+                 prefix: Callable[[str], str] = fan_out_prefix, clock: Callable[[], float] = time.monotonic):
+        super().__init__(inner)
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self.prefix, self.clock = prefix, clock
+        self.accepted: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}  # prefix -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def _admit(self, key: str) -> bool:
+        name = self.prefix(key)
+        with self._lock:
+            now = self.clock()
+            tokens, at = self._buckets.get(name, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            admitted = tokens >= 1.0
+            self._buckets[name] = (tokens - 1.0 if admitted else tokens, now)
+            (self.accepted if admitted else self.refused)[name] += 1
+            return admitted
+
+    def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
+        if not self._admit(key):
+            from ckptstore.backends.s3 import typed_error
+
+            raise typed_error("SlowDown", 503, key, "put", mode)
+        return super().put(key, data, mode=mode)
