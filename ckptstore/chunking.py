@@ -14,15 +14,36 @@ from ckptstore.errors import InvalidArgumentError
 
 MiB = 1 << 20
 
+#: `small_tensor_limit` / `pack_size` left out (or given as DERIVED): derived from the
+#: policy's other sizes, see `derived_pack_size`.
+DERIVED = -1
+MIN_PACK_SIZE = 4 * MiB
+MAX_PACK_SIZE = 64 * MiB
+
+
+def derived_pack_size(chunk_size: int) -> int:
+    """The default `pack_size` for `chunk_size`: a quarter of it, at least 4 MiB (every chunk
+    size up to the 16 MiB default keeps the 4 MiB packs it always had) and at most 64 MiB.
+    S3's 64 MiB chunks get 16 MiB packs and a 4 MiB small-tensor limit: a 70B FSDP shard set
+    over 1024 ranks (per rank: 80 layers of 32 KiB-896 KiB shards) then takes about a fifth
+    of the PUTs of 4 MiB packs (docs/FORMAT.md, "Chunking"), while the packs a save holds in
+    memory (2 x threads of them, each a copy) stay at 128 MiB with the default 4 threads."""
+    return min(MAX_PACK_SIZE, max(MIN_PACK_SIZE, chunk_size // 4))
+
 
 @dataclass(frozen=True)
 class ChunkingPolicy:
     """Chunk sizes: tensors under `small_tensor_limit` are packed into `pack_size` chunks,
-    larger ones split into `chunk_size` chunks."""
+    larger ones split into `chunk_size` chunks.
+
+    Left out, `pack_size` is `derived_pack_size(chunk_size)` (raised to `small_tensor_limit`
+    when that is given and larger) and `small_tensor_limit` is a quarter of `pack_size`; the
+    defaults are 16 MiB, 1 MiB and 4 MiB, as they always were. Values given always win. The
+    fields hold the resolved sizes, so `dataclasses.replace` keeps them as given."""
 
     chunk_size: int = 16 * MiB
-    small_tensor_limit: int = 1 * MiB
-    pack_size: int = 4 * MiB
+    small_tensor_limit: int = DERIVED
+    pack_size: int = DERIVED
 
     def __post_init__(self) -> None:
         # InvalidArgumentError is also a ValueError: `except ValueError` callers keep working.
@@ -30,6 +51,11 @@ class ChunkingPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgumentError(f"ChunkingPolicy {name} must be an int, got {value!r}")
+        if self.pack_size == DERIVED:
+            derived = derived_pack_size(max(self.chunk_size, 0))
+            object.__setattr__(self, "pack_size", max(derived, self.small_tensor_limit))
+        if self.small_tensor_limit == DERIVED:
+            object.__setattr__(self, "small_tensor_limit", self.pack_size // 4)
         if self.chunk_size < 1 or self.pack_size < 1 or self.small_tensor_limit < 0:
             raise InvalidArgumentError(f"chunk sizes must be positive: {self}")
         if self.small_tensor_limit > self.pack_size:

@@ -247,3 +247,33 @@ def test_puts_spread_over_the_fan_out_prefixes_stay_under_the_limit(space: str) 
     print("SlowDown, chunks/xx/ prefixes:", numbers)
     assert numbers["refused"] == 0 and numbers["seconds"] == 0.0, numbers
     assert numbers["busiest_prefix"][1] < 100, numbers
+
+
+# -- pack size and small-tensor limit follow the chunk size -------------------------------------
+def test_pack_size_and_small_tensor_limit_follow_the_chunk_size() -> None:
+    """Up to 16 MiB chunks: the 1 MiB / 4 MiB it always had; S3's 64 MiB: 4 MiB / 16 MiB;
+    capped at 64 MiB packs; values given win."""
+    mib = 1 << 20
+    assert ChunkingPolicy() == ChunkingPolicy(16 * mib, 1 * mib, 4 * mib)
+    assert ChunkingPolicy(chunk_size=64) == ChunkingPolicy(64, 1 * mib, 4 * mib)
+    assert ChunkingPolicy(chunk_size=64 * mib) == ChunkingPolicy(64 * mib, 4 * mib, 16 * mib)
+    assert ChunkingPolicy(chunk_size=1024 * mib) == ChunkingPolicy(1024 * mib, 16 * mib, 64 * mib)
+    assert ChunkingPolicy(chunk_size=64 * mib, small_tensor_limit=0).pack_size == 16 * mib
+    assert ChunkingPolicy(chunk_size=64 * mib, pack_size=8 * mib).small_tensor_limit == 2 * mib
+    assert ChunkingPolicy(small_tensor_limit=8 * mib).pack_size == 8 * mib
+    with pytest.raises(ValueError):
+        ChunkingPolicy(small_tensor_limit=10, pack_size=5)
+
+
+def test_small_shards_on_64_mib_chunks_take_a_quarter_of_the_puts(space: str) -> None:
+    """256 shards of 128 KiB (a 70B model's per-rank FSDP shards are 32-896 KiB): 2 packs with
+    S3's derived 16 MiB packs (4 MiB limit), 8 with the old fixed 4 MiB packs."""
+    state = {f"s{i}": torch.full((32 * 1024,), float(i)) for i in range(256)}
+    mib = 1 << 20
+    for policy, chunks in ((ChunkingPolicy(chunk_size=64 * mib), 2), (ChunkingPolicy(64 * mib, mib, 4 * mib), 8)):
+        counting = CountingBackend(MemoryBackend(f"{space}-{chunks}"))
+        try:
+            info = Store(counting, chunking=policy).save(0, state)
+            assert info.chunks == chunks and counting.calls[("put", "chunks")] == chunks, (policy, info)
+        finally:
+            drop_memory_space(f"{space}-{chunks}")
