@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,3 +74,56 @@ def test_integrations_times_lightning_save_and_resume(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "benchmarks", "--integrations", "--which", "nope"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown integration(s) nope; known: lightning, " in bad.stderr
+
+
+def _scale(tmp_path: Path, *argv: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--scale", *argv, "--dir", str(tmp_path / "scratch"),
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_scale_steps_and_gc_chunks_at_tiny_size(tmp_path: Path) -> None:
+    """`--scale` (issue 13) at tiny N: every row has requests by kind, bytes, wall and peak RSS;
+    ls reads one ref per step the first time and only the listing and the marker when repeated
+    (the same count after k new steps, plus k: constant in N); a gc that frees a step deletes in
+    delete_many batches, not key by key."""
+    steps, k, chunks = 20, 2, 1000
+    proc, data = _scale(tmp_path, "--only", "steps-local,gc-chunks", "--steps", str(steps), "--k", str(k),
+                        "--chunks", str(chunks), "--memory-chunks", str(chunks), "--s3-chunks", "0")
+    rows = {(r["section"], r["op"], r["backend"]): r for r in data["rows"]}
+    big = round(chunks * 0.231)
+    assert sorted(rows) == sorted(
+        [("steps-local", op, "local") for op in ("ls first", "ls repeated", "gc first", "gc repeated",
+                                                 f"gc after {k} new", f"ls after {k} new")]
+        + [("gc-chunks", op, b) for op in (f"gc mark+sweep ({chunks} chunks)", f"gc freeing {big} chunks")
+           for b in ("memory", "local")])
+    for row in rows.values():
+        assert row["code"] == "after" and row["wall_s"] > 0 and row["peak_rss_mib"] > 0, row
+        assert row["total_requests"] > 0 and row["requests"], row
+        assert row["raw"]["gc"]["ran"] and not row["raw"]["gc"]["failed"] if "gc" in row["raw"] else True, row
+    first, again = rows[("steps-local", "ls first", "local")], rows[("steps-local", "ls repeated", "local")]
+    later = rows[("steps-local", f"ls after {k} new", "local")]
+    assert first["raw"]["by_key"]["get refs"] == steps and "get manifests" not in first["raw"]["by_key"]
+    assert first["met"] is True and first["value"] <= 1.2
+    assert again["met"] is True and "get refs" not in again["raw"]["by_key"]
+    assert first["total_requests"] - steps == again["total_requests"] == later["total_requests"] - k
+    for row in rows.values():
+        assert (row["met"] is None) == (row["target"] == ""), row
+    freed = rows[("gc-chunks", f"gc freeing {big} chunks", "local")]
+    assert freed["raw"]["gc"]["deleted_chunks"] == big
+    # In batches of 100 keys locally (the manifest may take a batch of its own), none key by key.
+    assert -(-big // 100) <= freed["requests"]["delete_many"] <= -(-big // 100) + 1
+    assert "delete chunks" not in freed["raw"]["by_key"]
+    assert "## steps-local" in proc.stdout and "## gc-chunks" in proc.stdout and "met" in proc.stdout
+    assert data["meta"]["skipped"] == [] and data["meta"]["loadavg_before"]
+
+
+def test_scale_section_registry_and_usage() -> None:
+    """An unknown section is a usage error naming the registry's sections, the lead's dcp-1024
+    hook among them."""
+    bad = subprocess.run([sys.executable, "-m", "benchmarks", "--scale", "--only", "nope"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "unknown section(s) nope; known: steps-local, steps-s3, gc-chunks, dcp-1024" in bad.stderr
