@@ -69,14 +69,13 @@ from ckptstore.errors import (
 from ckptstore.gclock import settle_with_gc
 from ckptstore.leases import DEFAULT_TTL, Lease
 from ckptstore.manifest import (
-    MAX_MANIFEST_BYTES,
     ChunkEntry,
     Manifest,
     Ref,
-    decode_manifest,
     encode_manifest,
     summarize,
 )
+from ckptstore.manifestread import MAX_MANIFEST_READ, decode_whole
 from ckptstore.progress import Progress
 from ckptstore.store import Store, writer_identity
 
@@ -119,12 +118,12 @@ def _read_source(src: Store, step: int) -> _Source:
     ref = src.ref(step)
     key = keys.manifest_key(ref.manifest)
     try:
-        data = src.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
+        data = src.backend.get_range(key, 0, MAX_MANIFEST_READ + 1)
     except ObjectNotFoundError as exc:
         raise IntegrityError(f"step {step}: manifest {key} is missing in {src.url}") from exc
     if src._hash(data) != ref.manifest:
         raise IntegrityError(f"step {step}: manifest {key} in {src.url} is corrupt: its bytes do not hash to its key")
-    return _Source(step, decode_manifest(data), ref.manifest, data)
+    return _Source(step, decode_whole(src.backend, src._hash, data, src.threads), ref.manifest, data)
 
 
 def copy_steps(src: Store, dst: Store, steps: Iterable[int] | None = None, *, overwrite: bool = False,

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -56,25 +57,29 @@ from torch.futures import Future
 from ckptstore import errors, keys
 from ckptstore.backends.base import OVERWRITE, Backend
 from ckptstore.canary import ensure_conditional_writes
-from ckptstore.chunkblob import BYTES, ElementType
+from ckptstore.chunkblob import BYTES, ElementType, encode_chunk
 from ckptstore.chunking import plan_chunks
-from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing
-from ckptstore.distributed import ChunkTable, plain_segments, settle_chunks, write_manifest_and_commit
+from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, put_chunk
+from ckptstore.dcpformat import LAYOUT_1, LAYOUT_2, CompactMetadata, FqnEntry, build_compact, dcp_node, parse_compact
+from ckptstore.distributed import ChunkTable, commit_manifest_bytes, plain_segments, settle_chunks
 from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
 from ckptstore.epoch import Epoch, read_epoch
 from ckptstore.errors import CkptStoreError, FormatError, IntegrityError
 from ckptstore.hashing import hasher
 from ckptstore.leases import Lease
-from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry
+from ckptstore.manifest import ChunkEntry, Manifest, Ref, StepSummary, TensorEntry
+from ckptstore.manifestread import read_parts
+from ckptstore.manifestv2 import TABLE_ENTRIES, BlobRef, RootManifest, build_chunk_tables, encode_part, encode_root
 from ckptstore.store import Store, writer_identity
 from ckptstore.tensors import describe, torch_dtype_name
-from ckptstore.tree import TensorRef, decode_tree, encode_tree
+from ckptstore.tree import decode_tree, encode_tree
 
 __all__ = ["DCP_FORMAT", "PickleRefusedError", "StoreReader", "StoreWriter", "async_save", "load",
            "parse_checkpoint_id", "save", "unwrap"]
 
-#: Version of the layout under the tree's "dcp" key (docs/DCP.md).
-DCP_FORMAT = 1
+#: Version of the layout under the tree's "dcp" key that this writer writes (docs/DCP.md):
+#: 2, compact metadata in a v2 manifest root; the reader also reads layout 1 (v1 manifests).
+DCP_FORMAT = 2
 TREE_KEY = "dcp"
 KIND_BYTES = "bytes"  # a BYTE_IO item, stored as a torch uint8 tensor of its bytes
 
@@ -339,6 +344,28 @@ def metadata_from_plain(obj: Any) -> Metadata:
                     version=_str_or_none(obj.get("version"), what))
 
 
+def metadata_from_compact(compact: CompactMetadata) -> Metadata:
+    """DCP Metadata from a validated layout-2 object. Shard lists and properties that fqns
+    share are built once and shared (each fqn gets its own list of the same immutable
+    ChunkStorageMetadata), so 2.2M shards of a 70B model over 1024 ranks cost ~12k objects."""
+    base = metadata_from_plain({"state_dict_metadata": {}, "planner_data": compact.planner_data,
+                                "storage_meta": compact.storage_meta, "version": compact.version})
+    props = []
+    for dtype, layout, requires_grad, memory_format, pin_memory in compact.props:
+        if layout not in _LAYOUTS or memory_format not in _MEMORY_FORMATS:
+            raise FormatError(f"DCP metadata: unknown layout {layout!r} or memory format {memory_format!r}"[:200])
+        props.append(TensorProperties(dtype=_dtype_from_name(dtype, "DCP metadata"), layout=_LAYOUTS[layout],
+                                      requires_grad=requires_grad, memory_format=_MEMORY_FORMATS[memory_format],
+                                      pin_memory=pin_memory))
+    layouts = [[ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in shards] for shards in compact.layouts]
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    for e in compact.entries:
+        state[e.fqn] = (BytesStorageMetadata() if e.is_bytes
+                        else TensorStorageMetadata(props[e.props], torch.Size(e.size), list(layouts[e.layout])))
+    base.state_dict_metadata = state
+    return base
+
+
 # -- writing ---------------------------------------------------------------------------------
 class _SaveLease(Lease):
     """One rank's save lease for one DCP save (docs/DCP.md, "gc protocol across ranks").
@@ -562,30 +589,53 @@ class StoreWriter(StorageWriter):
         assert self._epoch is not None, "write_data took no lease"
         settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
         new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
+        part, items_plain, logical = self._part(items, described, plain_segments(chunk_plan, written))
+        part_entry, part_written = put_blob(self.store, self._hash, part)
+        if part_written:
+            new[part_entry.digest] = part_entry.stored_size
         self.new_chunks, self.new_bytes = len(new), sum(new.values())
-
-        # Each result also carries this rank's epoch (the coordinator settles against the
-        # earliest) and its lease (the coordinator deletes it after the commit).
-        assert self._lease is not None
-        epoch, lease = _epoch_to_plain(self._epoch), self._lease.key
-        results: list[WriteResult] = []
-        for item, (kind, dtype, shape), segs, source in zip(items, described, plain_segments(chunk_plan, written),
-                                                            sources, strict=True):
-            storage: dict[str, Any] = {"kind": kind, "dtype": dtype, "shape": list(shape), "segments": segs,
-                                       "epoch": epoch, "lease": lease}
-            if not results:  # the rank's upload total travels once, for the ref's summary
-                storage["new_bytes"] = self.new_bytes
-            results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=storage))
+        chunks = {r.entry.digest: r.entry for r in written}
         del keepalive
-        return results
+
+        # One result for the rank (DCP hands the coordinator whatever write_data returned): its
+        # part, the chunks and (fqn, offsets) of its items, its epoch (the coordinator settles
+        # against the earliest) and its lease (the coordinator deletes it after the commit).
+        assert self._lease is not None
+        storage: dict[str, Any] = {
+            "part": [part_entry.digest, part_entry.raw_size, part_entry.stored_size, len(items)],
+            "chunks": _pack([[bytes.fromhex(c.digest), c.raw_size, c.stored_size] for c in chunks.values()]),
+            "items": _pack(items_plain), "logical": logical, "new_bytes": self.new_bytes,
+            "epoch": _epoch_to_plain(self._epoch), "lease": self._lease.key}
+        return [WriteResult(index=items[0].index, size_in_bytes=logical, storage_data=storage)]
+
+    @staticmethod
+    def _part(items: list[WriteItem], described: list[tuple[str, str, tuple[int, ...]]],
+              segments: list[list[list[Any]]]) -> tuple[bytes, list[list[Any]], int]:
+        """This rank's manifest part (docs/FORMAT.md, "Manifest version 2"), the (fqn, offsets)
+        of its items in part order, and their bytes."""
+        table = ChunkTable()
+        tensors: list[TensorEntry] = []
+        keys_: list[list[Any]] = []
+        for item, (kind, dtype, shape), segs in zip(items, described, segments, strict=True):
+            fqn = item.index.fqn
+            placement: dict[str, Any] = {"fqn": fqn}
+            if kind == KIND_BYTES:
+                placement["bytes"] = True
+                keys_.append([fqn, None])
+            else:
+                offsets = list(item.index.offset) if item.index.offset is not None else [0] * len(shape)
+                placement["offsets"] = offsets
+                keys_.append([fqn, offsets])
+            tensors.append(TensorEntry(KIND_TORCH, dtype, tuple(shape), table.segments(segs), placement))
+        return encode_part(tuple(tensors), tuple(table.chunks)), keys_, sum(t.nbytes for t in tensors)
 
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._epoch is not None and self.step is not None, "write_data was not called"
         earliest = self._epoch
-        new_bytes = 0
-        table = ChunkTable()
-        tensors: list[TensorEntry] = []
-        by_fqn: dict[str, list[TensorRef]] = {}
+        new_bytes = logical = 0
+        parts: list[BlobRef] = []
+        chunks: dict[bytes, ChunkEntry] = {}
+        held: dict[str, list[tuple[tuple[int, ...] | None, int]]] = {}  # fqn -> (offsets, part) in order
         for rank_results in results:
             for result in rank_results:
                 storage = result.storage_data
@@ -593,32 +643,85 @@ class StoreWriter(StorageWriter):
                 if epoch.number < earliest.number:
                     earliest = epoch
                 new_bytes += storage.get("new_bytes", 0)
-                segments = table.segments(storage["segments"])
-                fqn = result.index.fqn
-                placement: dict[str, Any] = {"fqn": fqn}
-                if storage["kind"] == KIND_BYTES:
-                    placement["bytes"] = True
-                else:
-                    md = metadata.state_dict_metadata.get(fqn)
-                    offsets = result.index.offset
-                    placement["offsets"] = list(offsets) if offsets is not None else [0] * len(storage["shape"])
-                    placement["global_shape"] = (list(md.size) if isinstance(md, TensorStorageMetadata)
-                                                 else list(storage["shape"]))
-                by_fqn.setdefault(fqn, []).append(TensorRef(len(tensors)))
-                dtype = "uint8" if storage["kind"] == KIND_BYTES else storage["dtype"]
-                tensors.append(TensorEntry(KIND_TORCH, dtype, tuple(storage["shape"]), segments, placement))
+                logical += storage["logical"]
+                part_no = len(parts)
+                parts.append(BlobRef(*storage["part"]))
+                for digest, raw_size, stored_size in _unpack(storage["chunks"]):
+                    if digest not in chunks:
+                        chunks[digest] = ChunkEntry(digest.hex(), raw_size, stored_size)
+                for fqn, offsets in _unpack(storage["items"]):
+                    held.setdefault(fqn, []).append((offsets, part_no))
 
         if metadata.storage_meta is None:  # DCP's default planner drops it: the metadata names the step
             metadata.storage_meta = self.storage_meta()
-        tree_obj = {TREE_KEY: {"format": DCP_FORMAT, "metadata": metadata_to_plain(metadata), "items": by_fqn}}
-        tree = encode_tree(tree_obj, lambda _path, value: value.index if isinstance(value, TensorRef) else None)
-        summary = {TREE_KEY: {"format": DCP_FORMAT, "items": len(metadata.state_dict_metadata),
-                              "ranks": len(results)}}
-        manifest = Manifest(self.step, time.time(), summary, tree, tuple(tensors), tuple(table.chunks))
+        compact = metadata_to_compact(metadata, held)
+        tree = encode_tree({TREE_KEY: {"format": DCP_FORMAT, "metadata": compact}}, lambda _p, _v: None)
+        tables = [put_blob(self.store, self._hash, data)[0] for data in build_chunk_tables(list(chunks.values()))]
+        table_refs = tuple(BlobRef(t.digest, t.raw_size, t.stored_size,
+                                   min(TABLE_ENTRIES, len(chunks) - i * TABLE_ENTRIES)) for i, t in enumerate(tables))
+        summary = {TREE_KEY: {"format": DCP_FORMAT, "items": len(metadata.state_dict_metadata), "ranks": len(results)}}
+        data_stored = sum(c.stored_size for c in chunks.values())
+        root = RootManifest(self.step, time.time(), summary, tree, tuple(parts), table_refs,
+                            tensors=sum(p.count for p in parts), chunks=len(chunks), logical_bytes=logical,
+                            stored_bytes=data_stored)
+        every_chunk = [*chunks.values(), *root.blobs]
+        step_summary = StepSummary(root.tensors, logical, data_stored + sum(b.stored_size for b in root.blobs),
+                                   new_bytes, len(chunks) + len(root.blobs))
         # The earliest epoch any rank read before its lease: a gc that swept since then may have
         # taken a chunk after its rank stopped refreshing (docs/FORMAT.md, the DCP bullet).
-        _, self.committed = write_manifest_and_commit(self.store, earliest, manifest, overwrite=self.overwrite,
-                                                      writer=writer_identity(), new_bytes=new_bytes)
+        _, self.committed = commit_manifest_bytes(self.store, earliest, self.step, encode_root(root), every_chunk,
+                                                  step_summary, overwrite=self.overwrite, writer=writer_identity())
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(data: Any) -> Any:
+    if not isinstance(data, bytes):
+        raise FormatError("a rank's write result is malformed")
+    return msgpack.unpackb(data, raw=False, use_list=False)
+
+
+def put_blob(store: Store, hash_fn: Callable[[Any], str], data: bytes) -> tuple[ChunkEntry, bool]:
+    """Store `data` as one chunk blob (a manifest part or chunk table); (its entry, whether put)."""
+    digest = hash_fn(data)
+    stored, written = put_chunk(store.backend, keys.chunk_key(digest),
+                                lambda: encode_chunk(memoryview(data), store.compression, BYTES))
+    return ChunkEntry(digest, len(data), stored), written
+
+
+def metadata_to_compact(metadata: Metadata, held: dict[str, list[tuple[Any, int]]]) -> dict[str, Any]:
+    """DCP Metadata as layout 2 (ckptstore.dcpformat), with the part holding each shard:
+    `held[fqn]` lists (offsets, part) of the items that were written, which normally come
+    in the metadata's own shard order (the planner builds both from the same plans)."""
+    items: list[tuple[str, tuple[Any, ...] | None, list[int], list[Any], list[int]]] = []
+    for fqn, md in metadata.state_dict_metadata.items():
+        written = held.get(fqn, [])
+        if isinstance(md, BytesStorageMetadata):
+            if len(written) != 1:
+                raise IntegrityError(f"DCP item {fqn!r} was written by {len(written)} ranks, not one")
+            items.append((fqn, None, [], [], [written[0][1]]))
+            continue
+        if not isinstance(md, TensorStorageMetadata):
+            raise errors.UnsupportedValueError(fqn, f"DCP storage metadata {type(md).__name__} is not supported")
+        shards = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
+        if len(written) == len(shards) and all(o == s[0] for (o, _), s in zip(written, shards, strict=True)):
+            parts = [p for _, p in written]
+        else:  # another order: look each shard up
+            where = {o: p for o, p in written}
+            missing = [list(o) for o, _ in shards if o not in where]
+            if missing:
+                raise IntegrityError(f"DCP item {fqn!r}: no rank wrote the shard at {missing[0]}")
+            parts = [where[o] for o, _ in shards]
+        props = md.properties
+        items.append((fqn, (torch_dtype_name(props.dtype), str(props.layout).removeprefix("torch."),
+                            bool(props.requires_grad), str(props.memory_format).removeprefix("torch."),
+                            bool(props.pin_memory)), list(md.size), shards, parts))
+    rest = metadata_to_plain(Metadata(state_dict_metadata={}, planner_data=metadata.planner_data,
+                                      storage_meta=metadata.storage_meta, version=metadata.version))
+    return build_compact(items, planner_data=rest["planner_data"], storage_meta=rest["storage_meta"],
+                         version=rest["version"])
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -647,6 +750,12 @@ class StoreReader(StorageReader):
         self.trust_pickle = trust_pickle
         self.resolved: int | None = None
         self._items: dict[MetadataIndex, _StoredItem] = {}
+        # A v2 root and what was learned from it (parts are read as plans need them).
+        self._root: RootManifest | None = None
+        self._compact: CompactMetadata | None = None
+        self._entries: dict[str, FqnEntry] = {}
+        self._positions: dict[int, dict[tuple[int, ...], int]] = {}
+        self._loaded_parts: set[int] = set()
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | int | None = None) -> None:
         """A new load begins; `checkpoint_id`, when given, names the step, `latest` or a tag
@@ -655,6 +764,7 @@ class StoreReader(StorageReader):
             self.step = parse_checkpoint_id(checkpoint_id, reader=True)
         self.resolved = None
         self._items = {}
+        self._root = self._compact = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -673,39 +783,95 @@ class StoreReader(StorageReader):
                 step: int | str = latest
             else:
                 step = self.step
-            info = store.info(step)
-        self.resolved = info.step
-        manifest = info.manifest
-        tree = decode_tree(manifest.tree)
-        node = tree.get(TREE_KEY) if isinstance(tree, dict) else None
-        if not isinstance(node, dict) or "items" not in node or "metadata" not in node:
-            raise FormatError(f"step {info.step} was not saved through torch.distributed.checkpoint "
+            ref = store.ref(step)
+            stored = store.manifest_object(ref.manifest)
+        self.resolved = ref.step
+        self._items = {}
+        metadata = self._read_root(stored) if isinstance(stored, RootManifest) else self._read_v1(stored)
+        # Plain, picklable description for DCP (it may pass metadata between ranks).
+        metadata.storage_data = {"ckptstore_step": ref.step, "ckptstore_manifest": ref.manifest}
+        return metadata
+
+    def _dcp_node(self, tree_bytes: bytes, layout: int) -> dict[str, Any]:
+        node = dcp_node(decode_tree(tree_bytes))
+        if node is None or "metadata" not in node:
+            raise FormatError(f"step {self.resolved} was not saved through torch.distributed.checkpoint "
                               f"(ckptstore.dcp.StoreWriter); load it with Store.load")
-        if node.get("format") != DCP_FORMAT:
-            raise errors.UnsupportedFormatError(f"step {info.step}: DCP layout version {node.get('format')!r}; "
-                                                f"this ckptstore reads version {DCP_FORMAT}")
+        if node.get("format") != layout:
+            raise errors.UnsupportedFormatError(f"step {self.resolved}: DCP layout version {node.get('format')!r}; "
+                                                f"this ckptstore reads version {layout} in this manifest version")
+        return node
+
+    def _read_v1(self, manifest: Manifest) -> Metadata:
+        """A step written before manifest version 2: one manifest holds every rank's items."""
+        node = self._dcp_node(manifest.tree, LAYOUT_1)
+        if "items" not in node:
+            raise FormatError(f"step {self.resolved}: DCP node without items")
         metadata = metadata_from_plain(node["metadata"])
-        items: dict[MetadataIndex, _StoredItem] = {}
+        self._add_items(manifest, set(metadata.state_dict_metadata))
+        self._root = None
+        return metadata
+
+    def _add_items(self, manifest: Manifest, fqns: Any) -> None:
+        """Index the tensor entries of `manifest` (a v1 manifest or a v2 part) by DCP item."""
         for entry in manifest.tensors:
             placement = entry.placement or {}
             fqn = placement.get("fqn")
-            if not isinstance(fqn, str) or fqn not in metadata.state_dict_metadata:
-                raise FormatError(f"step {info.step}: tensor entry without a known DCP fqn")
+            if not isinstance(fqn, str) or fqn not in fqns:
+                raise FormatError(f"step {self.resolved}: tensor entry without a known DCP fqn")
             if placement.get("bytes"):
                 index = MetadataIndex(fqn)
                 kind = KIND_BYTES
             else:
-                index = MetadataIndex(fqn, _ints(placement.get("offsets"), f"step {info.step} {fqn}"))
+                index = MetadataIndex(fqn, _ints(placement.get("offsets"), f"step {self.resolved} {fqn}"))
                 kind = KIND_TORCH
             segs = tuple((manifest.chunks[i], offset, length) for i, offset, length in entry.segments)
-            items[index] = _StoredItem(f"{fqn}@{list(index.offset or [])}", kind, entry.dtype, entry.shape, segs)
-        self._items = items
-        # Plain, picklable description for DCP (it may pass metadata between ranks).
-        metadata.storage_data = {"ckptstore_step": info.step, "ckptstore_manifest": info.ref.manifest}
-        return metadata
+            self._items[index] = _StoredItem(f"{fqn}@{list(index.offset or [])}", kind, entry.dtype, entry.shape, segs)
+
+    def _read_root(self, root: RootManifest) -> Metadata:
+        """A v2 root: DCP's Metadata from its compact form; the parts are read later, only
+        those holding items this rank's plan reads (`_load_parts`)."""
+        compact = parse_compact(self._dcp_node(root.tree, LAYOUT_2)["metadata"], len(root.parts))
+        self._root, self._compact = root, compact
+        self._entries = {e.fqn: e for e in compact.entries}
+        self._positions = {}
+        self._loaded_parts = set()
+        return metadata_from_compact(compact)
+
+    def _load_parts(self, indices: Any) -> None:
+        """Read the parts (of a v2 root) that hold the stored items at `indices`, once each."""
+        root, compact = self._root, self._compact
+        if root is None or compact is None:
+            return
+        needed: set[int] = set()
+        for index in indices:
+            if index in self._items:
+                continue
+            entry = self._entries.get(index.fqn)
+            if entry is None:
+                continue  # reported as "no stored item" by _read
+            partmap = compact.partmaps[entry.partmap]
+            if entry.is_bytes:
+                needed.add(partmap[0])
+                continue
+            positions = self._positions.get(entry.layout)
+            if positions is None:
+                positions = self._positions[entry.layout] = {
+                    offsets: i for i, (offsets, _) in enumerate(compact.layouts[entry.layout])}
+            at = positions.get(tuple(index.offset or ()))
+            if at is not None:
+                needed.add(partmap[at])
+        fqns = self._entries
+        todo = sorted(needed - self._loaded_parts)
+        for number, part in read_parts(self.store.backend, self._hash(), root, todo, self.store.threads):
+            self._add_items(part, fqns)
+            self._loaded_parts.add(number)
+
+    def _hash(self) -> Callable[[Any], str]:
+        return hasher(self.store._require_store().hash_algorithm)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        if not self._items:  # this rank did not read the metadata itself: read the same manifest
+        if not self._items and self._root is None:  # this rank did not read the metadata itself: read the same step
             data = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
             if self.step is None and isinstance(data.get("ckptstore_step"), int):
                 self.step = data["ckptstore_step"]
@@ -731,6 +897,7 @@ class StoreReader(StorageReader):
         by_storage: dict[MetadataIndex, list[ReadItem]] = {}
         for read_item in plan.items:
             by_storage.setdefault(read_item.storage_index, []).append(read_item)
+        self._load_parts(by_storage)
         buffers: dict[MetadataIndex, Any] = {}
         jobs: dict[str, tuple[ChunkEntry, list[Landing]]] = {}
         for index, read_items in by_storage.items():

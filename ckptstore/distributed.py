@@ -72,7 +72,7 @@ from ckptstore.errors import (
 from ckptstore.gclock import settle_with_gc
 from ckptstore.kernel import SaveInfo, StoreKernel, writer_identity
 from ckptstore.leases import Lease
-from ckptstore.manifest import ChunkEntry, Manifest, Ref, TensorEntry, encode_manifest, summarize
+from ckptstore.manifest import ChunkEntry, Manifest, Ref, StepSummary, TensorEntry, encode_manifest, summarize
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
 
 __all__ = ["SINGLE_PROCESS", "DistributedSaveError", "StateConflictError", "resolve_group"]
@@ -173,15 +173,22 @@ def write_manifest_and_commit(store: Any, epoch_at_start: Epoch, manifest: Manif
                               writer: str, new_bytes: int) -> tuple[str, Ref]:
     """The coordinator's last steps: put the manifest, settle with gc, commit the ref.
     Returns the manifest digest and the committed ref (StepExistsError, CommitConflictError)."""
-    encoded = encode_manifest(manifest)
+    return commit_manifest_bytes(store, epoch_at_start, manifest.step, encode_manifest(manifest), manifest.chunks,
+                                 summarize(manifest, new_bytes), overwrite=overwrite, writer=writer)
+
+
+def commit_manifest_bytes(store: Any, epoch_at_start: Epoch, step: int, encoded: bytes,
+                          chunks: list[ChunkEntry] | tuple[ChunkEntry, ...], summary: StepSummary, *,
+                          overwrite: bool, writer: str) -> tuple[str, Ref]:
+    """Put an encoded manifest (v1, or a v2 root whose `chunks` include its part and table
+    blobs), settle with gc over `chunks`, commit the ref of `step` carrying `summary`."""
     digest = store._hash(encoded)
     manifest_key = keys.manifest_key(digest)
     with contextlib.suppress(AlreadyExistsError):  # an identical manifest is already stored
         store.backend.put(manifest_key, encoded, mode=CREATE)
-    settle_manifest(store, epoch_at_start, manifest.step, manifest.chunks, manifest_key, encoded)
-    ref = Ref(manifest=digest, step=manifest.step, committed=time.time(), writer=writer,
-              summary=summarize(manifest, new_bytes))
-    return digest, commit_ref(store.backend, keys.step_ref_key(manifest.step), ref, overwrite=overwrite)
+    settle_manifest(store, epoch_at_start, step, chunks, manifest_key, encoded)
+    ref = Ref(manifest=digest, step=step, committed=time.time(), writer=writer, summary=summary)
+    return digest, commit_ref(store.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
 
 
 # -- merging the ranks' trees ----------------------------------------------------------------

@@ -33,10 +33,10 @@ from ckptstore.backends.base import Backend, ObjectInfo
 from ckptstore.commit import read_ref
 from ckptstore.deadline import deadline_in
 from ckptstore.epoch import set_epoch
-from ckptstore.errors import CkptStoreError, GCLockLostError, IntegrityError, ObjectNotFoundError
+from ckptstore.errors import CkptStoreError, GCLockLostError
 from ckptstore.gclock import GCLock
 from ckptstore.leases import fresh_leases
-from ckptstore.manifest import MAX_MANIFEST_BYTES, decode_manifest
+from ckptstore.manifestread import reachable_digests, read_manifest_object
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,9 @@ class DigestSet:
 
 def _read_manifest_chunks(backend: Backend, hash_: Callable[[Any], str], digest: str) -> set[str]:
     """The chunk digests of manifest `digest`, always hash-checked: gc trusts no manifest whose
-    bytes are not the ones its ref named, whatever the store's `verify` setting."""
-    key = keys.manifest_key(digest)
-    try:
-        data = backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
-    except ObjectNotFoundError as exc:
-        raise IntegrityError(f"manifest {key} is missing") from exc
-    if hash_(data) != digest:
-        raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
-    return {c.digest for c in decode_manifest(data).chunks}
+    bytes are not the ones its ref named, whatever the store's `verify` setting. For a v2 root:
+    its chunk tables' entries and its part and table blobs (the parts are not read)."""
+    return set(reachable_digests(backend, hash_, read_manifest_object(backend, hash_, digest)))
 
 
 def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tuple[set[str], DigestSet]:

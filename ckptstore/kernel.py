@@ -61,19 +61,19 @@ from ckptstore.hashing import DEFAULT_ALGORITHM, hasher
 from ckptstore.knownchunks import previous_chunks
 from ckptstore.leases import DEFAULT_TTL, Lease, LockInfo, clear_stale, list_locks
 from ckptstore.manifest import (
-    MAX_MANIFEST_BYTES,
     MAX_REF_BYTES,
     ChunkEntry,
     Manifest,
     Marker,
     Ref,
     TensorEntry,
-    decode_manifest,
     decode_marker,
     encode_manifest,
     encode_marker,
     summarize,
 )
+from ckptstore.manifestread import assemble, read_manifest_object
+from ckptstore.manifestv2 import RootManifest
 from ckptstore.selection import (
     Selection,
     check_select,
@@ -495,17 +495,19 @@ class StoreKernel:
         return found[0]
 
     def manifest(self, digest: str) -> Manifest:
-        """The manifest stored under `digest`, checked against it."""
+        """The manifest stored under `digest`, checked against it (unless the store's `verify`
+        is off); a version 2 root comes with all its parts, as one Manifest
+        (ckptstore.manifestread.assemble)."""
+        found = self.manifest_object(digest)
+        if isinstance(found, RootManifest):
+            return assemble(self.backend, self._hash, found, self.threads)
+        return found
+
+    def manifest_object(self, digest: str) -> Manifest | RootManifest:
+        """The manifest stored under `digest` as stored: a v2 root without its parts (readers
+        that need only some parts start from it)."""
         self._require_store()
-        key = keys.manifest_key(digest)
-        try:
-            # Bounded read: a hostile object at a manifest key cannot make us allocate more.
-            data = self.backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
-        except ObjectNotFoundError as exc:
-            raise IntegrityError(f"manifest {key} is missing") from exc
-        if self.verify and self._hash(data) != digest:
-            raise IntegrityError(f"manifest {key} is corrupt: its bytes do not hash to its key")
-        return decode_manifest(data)
+        return read_manifest_object(self.backend, self._hash, digest, check=self.verify)
 
     def info(self, step: int | str) -> StepInfo:
         """The ref and manifest of a committed step (or tag)."""

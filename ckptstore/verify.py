@@ -25,8 +25,9 @@ from ckptstore import keys
 from ckptstore.chunkblob import HEADER_SIZE, decode_chunk
 from ckptstore.chunkio import bounded_map
 from ckptstore.commit import read_ref
-from ckptstore.errors import FormatError, ObjectNotFoundError, StepNotFoundError
-from ckptstore.manifest import MAX_MANIFEST_BYTES, ChunkEntry, Manifest, decode_manifest
+from ckptstore.errors import FormatError, IntegrityError, ObjectNotFoundError, StepNotFoundError
+from ckptstore.manifest import ChunkEntry, Manifest
+from ckptstore.manifestread import MAX_MANIFEST_READ, decode_whole
 from ckptstore.progress import Progress
 from ckptstore.store import Store
 
@@ -137,13 +138,15 @@ def verify(store: Store, steps: Iterable[int] | None = None, *, deep: bool = Fal
     def check_manifest(digest: str) -> tuple[str, Manifest | None, _Finding, int]:
         key = keys.manifest_key(digest)
         try:
-            data = backend.get_range(key, 0, MAX_MANIFEST_BYTES + 1)
+            data = backend.get_range(key, 0, MAX_MANIFEST_READ + 1)
         except ObjectNotFoundError:
             return digest, None, ("missing-manifest", "no object at the key the ref names"), 0
         if store._hash(data) != digest:
             return digest, None, ("corrupt-manifest", "its bytes do not hash to its key"), len(data)
         try:
-            return digest, decode_manifest(data), None, len(data)
+            return digest, decode_whole(backend, store._hash, data), None, len(data)
+        except IntegrityError as exc:  # a part or chunk table of a v2 root is missing or corrupt
+            return digest, None, ("corrupt-manifest", f"{type(exc).__name__}: {exc}"), len(data)
         except FormatError as exc:
             return digest, None, ("corrupt-manifest", f"{type(exc).__name__}: {exc}"), len(data)
 

@@ -585,8 +585,9 @@ def test_two_ranks_optimizer_state_through_get_and_set_state_dict(two_ranks: Any
 @pytest.mark.slow
 def test_two_ranks_dedup_save_to_lowest_rank_and_flatten_state_dict_off(two_ranks: Any) -> None:
     reports = _scenario(two_ranks, "planner_options")
-    # The replicated tensor (4 chunks) is written by rank 0 only, beside its own shard (1 chunk).
-    assert [r["new_chunks"] for r in reports] == [5, 1]
+    # The replicated tensor (4 chunks) is written by rank 0 only, beside its own shard (1 chunk);
+    # each rank also writes its manifest part (one blob).
+    assert [r["new_chunks"] for r in reports] == [5 + 1, 1 + 1]
     for report in reports:
         assert report["shared"] and report["sharded"] == _matrix(3).tolist()
         assert report["items"] == ["cfg", "t"] and report["t"] == [1.0, 1.0]  # "cfg" one item, pickled whole

@@ -145,12 +145,13 @@ def test_the_cycle_check_sees_lazy_and_type_checking_imports(tmp_path: Path) -> 
 LAYERS: dict[str, tuple[str, ...]] = {
     # The pure format: bytes <-> values, no I/O.
     "format": ("errors", "keys", "dtypes", "hashing", "chunkblob", "chunking", "manifest", "tree", "tensors",
-               "treevalues", "selection", "sysmem", "progress"),
+               "treevalues", "selection", "sysmem", "progress", "manifestv2", "dcpformat"),
     # Byte-level storage with conditional puts.
     "storage": ("backends", "backends.base", "backends.parts", "backends.local", "backends.memory", "backends.s3",
                 "backends.gcs", "deadline", "retry", "url"),
     # The protocol: commits, leases, the gc lock and epoch, gc.
-    "protocol": ("commit", "canary", "liveness", "lockfile", "serverclock", "leases", "epoch", "gclock", "gc"),
+    "protocol": ("commit", "canary", "liveness", "lockfile", "serverclock", "leases", "epoch", "gclock", "manifestread",
+                 "gccache", "gc"),
     # The store and its I/O.
     "store": ("chunkio", "knownchunks", "kernel", "distributed", "async_save", "store", "dcp", "stepreader", "diff"),
     # Operator tools and the package's front door.
@@ -160,7 +161,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                      "integrations.transformers"),
     # Test kits shipped with the package.
     "testing": ("testing", "testing.conformance", "testing.crash", "testing.faults", "testing.fuzz",
-                "testing.interleave", "testing.load", "testing.scenarios", "testing.servers", "testing.soak",
+                "testing.interleave", "testing.load", "testing.dcpsim", "testing.scenarios", "testing.servers", "testing.soak",
                 "testing.wrappers"),
 }
 
