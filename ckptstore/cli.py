@@ -444,7 +444,7 @@ def _print_fields(fields: dict[str, Any]) -> None:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with _open(args.url) as store:
-        report = store.gc(dry_run=args.dry_run, min_age=args.min_age)
+        report = store.gc(dry_run=args.dry_run, min_age=args.min_age, cache=not args.no_cache)
     if args.json:
         print_json(report.as_dict())
     else:
@@ -681,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
     gc.add_argument("--min-age", type=_seconds, default=3600.0, metavar="SECONDS",
                     help="keep unreferenced objects younger than this (default 3600)")
+    gc.add_argument("--no-cache", action="store_true",
+                    help="read every ref and manifest from the store; without it, what an earlier gc on this "
+                         "machine read and the store shows unchanged comes from its cache ($CKPTSTORE_CACHE_DIR)")
     gc.add_argument("--json", action="store_true", help="print JSON for scripts")
     gc.set_defaults(run=cmd_gc)
 

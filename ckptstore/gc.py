@@ -6,7 +6,10 @@ Protocol (argued in docs/FORMAT.md, "Garbage collection"):
 2. bump the epoch to running;
 3. list leases: if any fresh save or load lease exists, stand down (sweep nothing);
 4. mark: every ref (steps and tags) -> its manifest -> the manifest's chunks. Fail closed:
-   if any ref, or a manifest a ref names, cannot be read and decoded, sweep nothing;
+   if any ref, or a manifest a ref names, cannot be read and decoded, sweep nothing. What
+   an earlier mark learned comes from the mark cache (ckptstore/gccache.py) where it is
+   keyed by content or by a version the listing shows unchanged, so a repeated gc reads
+   only new refs and manifests;
 5. sweep: prove the lock is still ours, then delete unmarked manifests and chunks older
    than `min_age` (server time), proving again before every batch of deletes;
 6. prove once more, bump the epoch to idle, release our own version of locks/gc.
@@ -34,6 +37,7 @@ from ckptstore.commit import read_ref
 from ckptstore.deadline import deadline_in
 from ckptstore.epoch import set_epoch
 from ckptstore.errors import CkptStoreError, GCLockLostError
+from ckptstore.gccache import MarkCache
 from ckptstore.gclock import GCLock
 from ckptstore.leases import fresh_leases
 from ckptstore.manifestread import reachable_digests, read_manifest_object
@@ -46,6 +50,11 @@ log = logging.getLogger(__name__)
 DELETE_BATCH = 1000
 #: Fan-out folders (`chunks/xx/`) gc lists at a time.
 LIST_THREADS = 16
+
+#: What `_read_manifest_chunks` returns for a manifest, as a number: bump it whenever that
+#: changes (a new manifest version, more digests to keep), so chunk sets the mark cache holds
+#: from older code are ignored (ckptstore/gccache.py).
+MARK_FORMAT = 1
 
 T = TypeVar("T")
 
@@ -71,6 +80,8 @@ class GCReport:
     list_errors: list[str] = field(default_factory=list)  # listing chunks/ or manifests/ failed: nothing was swept
     delete_failures: list[str] = field(default_factory=list)  # "key: error" of each delete that failed (kept)
     staging_removed: int = 0  # local staging files / S3 multipart uploads left by crashes
+    refs_read: int = 0  # refs read from the store; the others' targets came from the mark cache
+    manifests_read: int = 0  # manifests read from the store; the others' chunk sets came from the mark cache
     seconds: float = 0.0
 
     @property
@@ -110,6 +121,18 @@ class DigestSet:
                 self._pending += digest
             else:
                 self._odd.add(digest)
+        self._maybe_merge()
+
+    def add_raw(self, raw: bytes, width: int) -> None:
+        """Digests of `width` bytes each, concatenated (a chunk set from the mark cache)."""
+        self._width = self._width or width
+        if width == self._width:
+            self._pending += raw
+        else:
+            self._odd.update(raw[i:i + width] for i in range(0, len(raw), width))
+        self._maybe_merge()
+
+    def _maybe_merge(self) -> None:
         if self._sorted is None or len(self._pending) > self._sorted.nbytes // 4 + (1 << 20):
             self._merge()  # few duplicates wait: the peak stays about twice the final array
 
@@ -156,30 +179,68 @@ def _read_manifest_chunks(backend: Backend, hash_: Callable[[Any], str], digest:
     return set(reachable_digests(backend, hash_, read_manifest_object(backend, hash_, digest)))
 
 
-def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport) -> tuple[set[str], DigestSet]:
+def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport, cache: MarkCache | None = None,
+          now: float | None = None) -> tuple[set[str], DigestSet]:
     """Every manifest and chunk a ref reaches. Raises _MarkFailed (after recording every
     broken ref in the report) if any ref or its manifest cannot be read: only a ref that is
-    confirmed gone lets its objects become garbage."""
+    confirmed gone lets its objects become garbage. With a `cache`, a ref whose listed version
+    is the one it had when an earlier mark read it, and a manifest whose chunk set an earlier
+    mark read, cost no request (ckptstore/gccache.py); whatever else is read is cached. `now`:
+    the server's time as the mark starts (None in a dry run, which has none)."""
     manifests: set[str] = set()
     chunks = DigestSet()
     for info in backend.list(keys.REFS):
         try:
-            found = read_ref(backend, info.key)
-            if found is None:
-                continue  # deleted since the listing: confirmed gone
+            digest = cache.ref_target(info.key, info.version) if cache is not None else None
+            if digest is None:
+                digest = _read_ref_target(backend, info.key, cache, now)
+                if digest is None:
+                    continue  # deleted since the listing: confirmed gone
+                report.refs_read += 1
             report.refs += 1
-            digest = found[0].manifest
             if digest in manifests:
                 continue
-            chunks.add(_read_manifest_chunks(backend, hash_, digest))
+            cached = cache.chunks(digest) if cache is not None else None
+            if cached is not None:
+                chunks.add_raw(*cached)
+            else:
+                found = _read_manifest_chunks(backend, hash_, digest)
+                report.manifests_read += 1
+                chunks.add(found)
+                if cache is not None:
+                    cache.remember_chunks(digest, found)
             manifests.add(digest)
         except CkptStoreError as exc:  # transient, permission, unsupported format, corrupt, missing
             report.broken_refs.append(f"{info.key}: {type(exc).__name__}: {exc}")
+    if cache is not None:
+        cache.save_refs()
     if report.broken_refs:
         raise _MarkFailed
+    if cache is not None:
+        cache.prune(manifests)
     chunks.freeze()
     report.reachable_manifests, report.reachable_chunks = len(manifests), len(chunks)
     return manifests, chunks
+
+
+def _read_ref_target(backend: Backend, key: str, cache: MarkCache | None, now: float | None) -> str | None:
+    """The manifest digest the ref at `key` names, or None if it is gone. With a cache, the
+    answer is remembered under the ref's version (`MarkCache.remember_ref`: on local only once
+    the ref is old at server time `now`), but only if a head after the read shows the version
+    the read started with (`get_small` takes the version from a head before its read, so the
+    bytes could be newer than it)."""
+    found = read_ref(backend, key)
+    if found is None:
+        return None
+    ref, version = found
+    if cache is not None:
+        try:
+            after = backend.head(key)
+        except CkptStoreError:  # gone, or unreadable now: the read stands, nothing is cached
+            after = None
+        if after is not None and after.version == version:
+            cache.remember_ref(key, version, ref.manifest, modified=after.modified, now=now)
+    return ref.manifest
 
 
 def _fail_closed_reason(report: GCReport) -> str:
@@ -191,15 +252,17 @@ _LIST_FAILED = "swept nothing: listing manifests/ or chunks/ failed (see list_er
 
 
 def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str, dry_run: bool = False,
-                    min_age: float = 3600.0, ttl: float) -> GCReport:
+                    min_age: float = 3600.0, ttl: float, cache: bool = True) -> GCReport:
     """Run one gc over the store on `backend`, whose objects are named by `hash_` (the hash
     function its marker names; see the module docstring). Never raises for "busy" or for a
-    failed-closed run: the report says (`report.failed`)."""
+    failed-closed run: the report says (`report.failed`). `cache`: use and update the mark
+    cache on this machine's disk (ckptstore/gccache.py); False reads every ref and manifest."""
     started = time.monotonic()
     report = GCReport(dry_run=dry_run)
+    mark_cache = MarkCache.open(backend, hash_, MARK_FORMAT) if cache else None
     if dry_run:  # read-only: no lock, no epoch, just what a sweep would delete now
         try:
-            manifests, chunks = _mark(backend, hash_, report)
+            manifests, chunks = _mark(backend, hash_, report, mark_cache)
         except _MarkFailed:
             report.reason = _fail_closed_reason(report)
         else:
@@ -220,7 +283,7 @@ def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str
         report.seconds = time.monotonic() - started
         return report
     try:
-        _collect_locked(backend, hash_, lock, report, owner=owner, min_age=min_age, ttl=ttl)
+        _collect_locked(backend, hash_, lock, report, owner=owner, min_age=min_age, ttl=ttl, cache=mark_cache)
     finally:
         lock.release()
     report.seconds = time.monotonic() - started
@@ -228,7 +291,7 @@ def collect_garbage(backend: Backend, hash_: Callable[[Any], str], *, owner: str
 
 
 def _collect_locked(backend: Backend, hash_: Callable[[Any], str], lock: GCLock, report: GCReport, *, owner: str,
-                    min_age: float, ttl: float) -> None:
+                    min_age: float, ttl: float, cache: MarkCache | None) -> None:
     running = set_epoch(backend, running=True, owner=owner)
     swept_in: int | None = None
     try:
@@ -239,7 +302,7 @@ def _collect_locked(backend: Backend, hash_: Callable[[Any], str], lock: GCLock,
             return
         swept_in = running.number  # from here on objects may vanish
         try:
-            manifests, chunks = _mark(backend, hash_, report)
+            manifests, chunks = _mark(backend, hash_, report, cache, now=lock.clock.now())
         except _MarkFailed:
             report.reason = _fail_closed_reason(report)
             log.warning("gc of %s %s: %s", backend.url, report.reason, "; ".join(report.broken_refs))

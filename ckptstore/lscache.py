@@ -4,34 +4,24 @@ A listing of refs/steps/ returns each ref's version (ETag, generation, inode and
 a ref whose version is unchanged since the last `ls` needs no GET: a repeated `ls` with
 nothing new reads the listing and the marker only, and k new steps cost k GETs. The cache
 is a hint for display: a missing, unreadable or corrupt file is ignored (entries are
-re-decoded by the real ref decoder), and nothing that deletes (gc, rm) ever reads it.
+re-decoded by the real ref decoder), and nothing that deletes (gc, rm) ever reads it. gc
+keeps its own, stricter cache (ckptstore/gccache.py: checksummed files, store identity, and
+no trust in versions that can repeat, such as the local backend's).
 
-Location: $CKPTSTORE_CACHE_DIR, else $XDG_CACHE_HOME/ckptstore, else ~/.cache/ckptstore;
-one file per store URL.
+Location: `cache_dir()` (ckptstore/gccache.py: $CKPTSTORE_CACHE_DIR, else
+$XDG_CACHE_HOME/ckptstore, else ~/.cache/ckptstore); one file per store URL.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
-from pathlib import Path
 
 from ckptstore.errors import FormatError
+from ckptstore.gccache import cache_dir, write_atomically
 from ckptstore.manifest import Ref, decode_ref, encode_ref
 
 CACHE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """Where ckptstore keeps client-side caches."""
-    explicit = os.environ.get("CKPTSTORE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ckptstore"
 
 
 class RefCache:
@@ -71,13 +61,4 @@ class RefCache:
         self._entries = {key: (version, encode_ref(ref).hex()) for key, (version, ref) in refs.items() if version}
         body = json.dumps({"v": CACHE_VERSION, "url": self.url,
                            "refs": {key: list(entry) for key, entry in self._entries.items()}})
-        with contextlib.suppress(OSError):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".refs-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.write(body)
-                os.replace(tmp, self.path)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        write_atomically(self.path, body.encode("utf-8"))

@@ -120,14 +120,16 @@ class Store(StoreKernel):
         return diff_steps(self, a, b, values=values)
 
     # -- gc --------------------------------------------------------------------------------
-    def gc(self, *, dry_run: bool = False, min_age: float = 3600.0) -> GCReport:
+    def gc(self, *, dry_run: bool = False, min_age: float = 3600.0, cache: bool = True) -> GCReport:
         """Free chunks and manifests that no ref reaches and that are older than `min_age`
-        seconds; safe while other processes save (docs/FORMAT.md, "Garbage collection")."""
+        seconds; safe while other processes save (docs/FORMAT.md, "Garbage collection").
+        `cache`: keep what the mark learned on this machine's disk, so a repeated gc reads only
+        new refs and manifests (ckptstore/gccache.py); False reads them all."""
         self._require_store()  # gc writes its lock: never at a URL that holds no store
         if not dry_run:
             ensure_conditional_writes(self.backend)
         return collect_garbage(self.backend, self._hash, owner=writer_identity(), dry_run=dry_run,
-                               min_age=min_age, ttl=self.lease_ttl)
+                               min_age=min_age, ttl=self.lease_ttl, cache=cache)
 
 
 def open(  # noqa: A001 - mirrors builtins.open on purpose: ckptstore.open(url)

@@ -6,6 +6,8 @@ Sections (add new fixtures to the matching section, or start a new one below):
    (per test). See ckptstore/testing/servers.py and docs/INTEGRATION.md.
 2. Stores on every backend: `store_url` (local, memory, s3, gcs) and `shared_store_url`
    (the backends separate processes can share).
+3. Client-side caches: `_session_cache_dir` (autouse) points $CKPTSTORE_CACHE_DIR at a
+   temporary directory, so no test reads or writes ~/.cache.
 """
 
 from __future__ import annotations
@@ -131,3 +133,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Like store_url, for backends that separate processes can share."""
     yield from _store_url(request.param, request, tmp_path)
+
+
+# ============================================================================================
+# 3. Client-side caches (ls's ref cache, gc's mark cache: ckptstore/gccache.py)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$CKPTSTORE_CACHE_DIR for the whole session: a temporary directory, never ~/.cache.
+    Subprocesses inherit it. A test that needs its own sets the variable itself."""
+    path = tmp_path_factory.mktemp("ckptstore-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKPTSTORE_CACHE_DIR", str(path))
+        yield path
