@@ -392,3 +392,24 @@ def test_a_ref_replaced_between_its_head_and_its_read_is_not_cached(s3_bucket: s
     report, _ = _gc(url)
     assert report.refs_read == 1 and report.deleted_chunks == 1  # step 1's second own chunk
     _assert_every_step_loads(url, {0: 0, 1: 1})
+
+
+def test_a_dcp_step_in_manifest_v2_is_cached_whole(tmp_path: Path) -> None:
+    """A v2 root's chunk set includes its part and chunk-table blobs, which gc reads as chunks:
+    cached, a repeated gc reads neither the root nor a table."""
+    from ckptstore import dcp
+    from ckptstore.manifestv2 import manifest_version
+
+    url = f"memory://gc-dcp-{tmp_path.name}"
+    with _open(url) as store:
+        dcp.save({"model": _state(1)}, store, 5)
+        store.save(6, _state(6))
+        assert manifest_version(store.backend.get(keys.manifest_key(store.ref(5).manifest)).data) == 2
+    first, calls = _gc(url)
+    assert first.manifests_read == 2 and calls[("get", "chunks")] >= 1  # the root's chunk table
+    again, calls = _gc(url)
+    assert calls[("get", "manifests")] == calls[("get", "chunks")] == calls[("get", "refs")] == 0
+    assert (again.reachable_manifests, again.reachable_chunks, again.deleted_chunks) == \
+        (first.reachable_manifests, first.reachable_chunks, 0)
+    uncached, _ = _gc(url, cache=False)
+    assert uncached.reachable_chunks == first.reachable_chunks and uncached.deleted_chunks == 0
