@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import re
@@ -76,6 +77,8 @@ from ckptstore.tree import decode_tree, encode_tree
 
 __all__ = ["DCP_FORMAT", "PickleRefusedError", "StoreReader", "StoreWriter", "async_save", "load",
            "parse_checkpoint_id", "save", "unwrap"]
+
+log = logging.getLogger(__name__)
 
 #: Version of the layout under the tree's "dcp" key that this writer writes (docs/DCP.md):
 #: 2, compact metadata in a v2 manifest root; the reader also reads layout 1 (v1 manifests).
@@ -584,7 +587,7 @@ class StoreWriter(StorageWriter):
                 keepalive.append(src.keepalive)
         chunk_plan = plan_chunks([s.nbytes for s in sources], self.store.chunking)
         writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
-                             elements=elements)
+                             elements=elements, known=self._previous_chunks())
         written = writer.write(chunk_plan, sources)
         assert self._epoch is not None, "write_data took no lease"
         settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
@@ -604,9 +607,35 @@ class StoreWriter(StorageWriter):
         storage: dict[str, Any] = {
             "part": [part_entry.digest, part_entry.raw_size, part_entry.stored_size, len(items)],
             "chunks": _pack([[bytes.fromhex(c.digest), c.raw_size, c.stored_size] for c in chunks.values()]),
-            "items": _pack(items_plain), "logical": logical, "new_bytes": self.new_bytes,
+            "items": _pack(items_plain), "logical": logical, "new_bytes": self.new_bytes, "rank": self.rank,
             "epoch": _epoch_to_plain(self._epoch), "lease": self._lease.key}
         return [WriteResult(index=items[0].index, size_in_bytes=logical, storage_data=storage)]
+
+    def _previous_chunks(self) -> dict[str, ChunkEntry]:
+        """The chunks of this rank's part of the latest step (a v1 manifest: all of its chunks),
+        which write_data then neither heads nor puts (ckptstore/knownchunks.py argues why
+        that is safe after the lease: the settle heads them). Two small GETs instead of a HEAD
+        per chunk; empty, so every chunk is headed, on any doubt."""
+        store = self.store
+        if not store.verify:
+            return {}
+        try:
+            latest = store.latest()
+            if latest is None:
+                return {}
+            stored = store.manifest_object(store.ref(latest).manifest)
+            if isinstance(stored, Manifest):
+                return {c.digest: c for c in stored.chunks}
+            node = dcp_node(decode_tree(stored.tree))
+            ranks = node.get("part_ranks") if node is not None else None
+            if not isinstance(ranks, list) or len(ranks) != len(stored.parts) or self.rank not in ranks:
+                return {}
+            [(_, part)] = read_parts(store.backend, self._hash, stored, [ranks.index(self.rank)], 1)
+            return {c.digest: c for c in part.chunks}
+        except Exception as exc:  # fail closed: head every chunk
+            log.info("rank %d: reading its part of the latest step failed (%s: %s); heading every chunk",
+                     self.rank, type(exc).__name__, exc)
+            return {}
 
     @staticmethod
     def _part(items: list[WriteItem], described: list[tuple[str, str, tuple[int, ...]]],
@@ -634,8 +663,9 @@ class StoreWriter(StorageWriter):
         earliest = self._epoch
         new_bytes = logical = 0
         parts: list[BlobRef] = []
+        part_ranks: list[int] = []  # the rank that wrote each part: its next save reads only that one
         chunks: dict[bytes, ChunkEntry] = {}
-        held: dict[str, list[tuple[tuple[int, ...] | None, int]]] = {}  # fqn -> (offsets, part) in order
+        held: dict[str, tuple[list[Any], list[int]]] = {}  # fqn -> offsets and part of each item, in order
         for rank_results in results:
             for result in rank_results:
                 storage = result.storage_data
@@ -646,16 +676,22 @@ class StoreWriter(StorageWriter):
                 logical += storage["logical"]
                 part_no = len(parts)
                 parts.append(BlobRef(*storage["part"]))
+                part_ranks.append(int(storage.get("rank", -1)))
                 for digest, raw_size, stored_size in _unpack(storage["chunks"]):
                     if digest not in chunks:
                         chunks[digest] = ChunkEntry(digest.hex(), raw_size, stored_size)
                 for fqn, offsets in _unpack(storage["items"]):
-                    held.setdefault(fqn, []).append((offsets, part_no))
+                    found = held.get(fqn)
+                    if found is None:
+                        found = held[fqn] = ([], [])
+                    found[0].append(offsets)
+                    found[1].append(part_no)
 
         if metadata.storage_meta is None:  # DCP's default planner drops it: the metadata names the step
             metadata.storage_meta = self.storage_meta()
         compact = metadata_to_compact(metadata, held)
-        tree = encode_tree({TREE_KEY: {"format": DCP_FORMAT, "metadata": compact}}, lambda _p, _v: None)
+        tree = encode_tree({TREE_KEY: {"format": DCP_FORMAT, "metadata": compact, "part_ranks": part_ranks}},
+                           lambda _p, _v: None)
         tables = [put_blob(self.store, self._hash, data)[0] for data in build_chunk_tables(list(chunks.values()))]
         table_refs = tuple(BlobRef(t.digest, t.raw_size, t.stored_size,
                                    min(TABLE_ENTRIES, len(chunks) - i * TABLE_ENTRIES)) for i, t in enumerate(tables))
@@ -691,33 +727,33 @@ def put_blob(store: Store, hash_fn: Callable[[Any], str], data: bytes) -> tuple[
     return ChunkEntry(digest, len(data), stored), written
 
 
-def metadata_to_compact(metadata: Metadata, held: dict[str, list[tuple[Any, int]]]) -> dict[str, Any]:
+def metadata_to_compact(metadata: Metadata, held: dict[str, tuple[list[Any], list[int]]]) -> dict[str, Any]:
     """DCP Metadata as layout 2 (ckptstore.dcpformat), with the part holding each shard:
-    `held[fqn]` lists (offsets, part) of the items that were written, which normally come
-    in the metadata's own shard order (the planner builds both from the same plans)."""
+    `held[fqn]` is (offsets, parts) of the items that were written, which normally come in
+    the metadata's own shard order (the planner builds both from the same plans, rank by
+    rank); compared as whole lists, so the 2.2M shards of 1024 ranks cost no Python loop."""
     items: list[tuple[str, tuple[Any, ...] | None, list[int], list[Any], list[int]]] = []
     for fqn, md in metadata.state_dict_metadata.items():
-        written = held.get(fqn, [])
+        offsets, parts = held.get(fqn, ([], []))
         if isinstance(md, BytesStorageMetadata):
-            if len(written) != 1:
-                raise IntegrityError(f"DCP item {fqn!r} was written by {len(written)} ranks, not one")
-            items.append((fqn, None, [], [], [written[0][1]]))
+            if len(parts) != 1:
+                raise IntegrityError(f"DCP item {fqn!r} was written by {len(parts)} ranks, not one")
+            items.append((fqn, None, [], [], parts))
             continue
         if not isinstance(md, TensorStorageMetadata):
             raise errors.UnsupportedValueError(fqn, f"DCP storage metadata {type(md).__name__} is not supported")
-        shards = [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks]
-        if len(written) == len(shards) and all(o == s[0] for (o, _), s in zip(written, shards, strict=True)):
-            parts = [p for _, p in written]
-        else:  # another order: look each shard up
-            where = {o: p for o, p in written}
-            missing = [list(o) for o, _ in shards if o not in where]
+        stored = [c.offsets for c in md.chunks]  # torch.Size: a tuple, equal to the written tuples
+        if offsets != stored:  # another order: look each shard up
+            where = dict(zip(offsets, parts, strict=True))
+            missing = [list(o) for o in stored if tuple(o) not in where]
             if missing:
                 raise IntegrityError(f"DCP item {fqn!r}: no rank wrote the shard at {missing[0]}")
-            parts = [where[o] for o, _ in shards]
+            parts = [where[tuple(o)] for o in stored]
         props = md.properties
         items.append((fqn, (torch_dtype_name(props.dtype), str(props.layout).removeprefix("torch."),
                             bool(props.requires_grad), str(props.memory_format).removeprefix("torch."),
-                            bool(props.pin_memory)), list(md.size), shards, parts))
+                            bool(props.pin_memory)), list(md.size),
+                      list(zip(stored, [c.sizes for c in md.chunks], strict=True)), parts))
     rest = metadata_to_plain(Metadata(state_dict_metadata={}, planner_data=metadata.planner_data,
                                       storage_meta=metadata.storage_meta, version=metadata.version))
     return build_compact(items, planner_data=rest["planner_data"], storage_meta=rest["storage_meta"],

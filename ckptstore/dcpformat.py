@@ -143,6 +143,7 @@ def parse_compact(obj: Any, parts: int) -> CompactMetadata:
     if any(part >= parts for p in partmaps for part in p):
         raise FormatError(f"{what}: a part map names a part the root does not have")
     entries = []
+    fitted: set[tuple[int, tuple[int, ...]]] = set()
     for fqn, e in zip(fqns, raw_entries, strict=True):
         if not isinstance(e, list) or len(e) != 5 or e[0] not in (KIND_TENSOR, KIND_BYTES):
             raise FormatError(f"{what}: malformed entry of {fqn!r}"[:200])
@@ -161,9 +162,11 @@ def parse_compact(obj: Any, parts: int) -> CompactMetadata:
         shards = layouts[layout]
         if len(shards) != len(partmaps[partmap]):
             raise FormatError(f"{what}: {fqn!r} has {len(shards)} shards but {len(partmaps[partmap])} parts"[:200])
-        for offsets, sizes in shards:
-            if len(offsets) != len(dims) or any(o + s > d for o, s, d in zip(offsets, sizes, dims, strict=True)):
-                raise FormatError(f"{what}: a shard of {fqn!r} lies outside its size {list(dims)}"[:200])
+        if (layout, dims) not in fitted:  # fqns share layouts and sizes: check each pair once
+            for offsets, sizes in shards:
+                if len(offsets) != len(dims) or any(o + s > d for o, s, d in zip(offsets, sizes, dims, strict=True)):
+                    raise FormatError(f"{what}: a shard of {fqn!r} lies outside its size {list(dims)}"[:200])
+            fitted.add((layout, dims))
         entries.append(FqnEntry(fqn, False, prop, dims, layout, partmap))
     return CompactMetadata(entries, props, layouts, partmaps, obj.get("planner_data"), obj.get("storage_meta"),
                            obj.get("version"))
