@@ -458,3 +458,61 @@ def test_make_golden_reproduces_the_golden_bytes(tmp_path: Path, monkeypatch: py
         else:
             assert ours == golden, f"{name} differs from the golden vector"
     assert not os.path.exists(tmp_path / "store-v1" / "tmp")
+
+
+# -- manifest version 2 -----------------------------------------------------------------------
+V2_PART_DIGEST = "00d8a05ca406ff9c3172ace93eca7cd53d570a57c6e14d729d32a8e99ad03e0b"
+V2_TABLE_DIGEST = "591c02ccec818829552e659f79559a978a41a1a305af8a5523367936fb56561a"
+
+
+def test_manifest_v2_vectors() -> None:
+    """A v2 root, its one part and its chunk table (docs/FORMAT.md, "Manifest version 2")."""
+    from ckptstore.dcpformat import parse_compact
+    from ckptstore.manifest import ChunkEntry, TensorEntry
+    from ckptstore.manifestv2 import (
+        BlobRef,
+        decode_chunk_table,
+        decode_part,
+        decode_root,
+        encode_chunk_table,
+        encode_part,
+        encode_root,
+        manifest_version,
+    )
+    from ckptstore.tree import decode_tree
+
+    blake3 = hasher("blake3")
+    part_bytes = _read("manifest-v2-part.msgpack")
+    table_bytes = _read("chunk-table-v2.msgpack")
+    root_bytes = _read("manifest-v2-root.msgpack")
+    assert (blake3(part_bytes), blake3(table_bytes)) == (V2_PART_DIGEST, V2_TABLE_DIGEST)
+    assert manifest_version(root_bytes) == 2 and manifest_version(part_bytes) == 1
+
+    root = decode_root(root_bytes)
+    assert (root.step, root.created, root.tensors, root.chunks, root.logical_bytes, root.stored_bytes) == (
+        200, 1700000200.0, 3, 2, 64, 112)
+    assert root.metadata == {"dcp": {"format": 2, "items": 3, "ranks": 1}}
+    assert root.parts == (BlobRef(V2_PART_DIGEST, 252, 276, 3),)
+    assert root.chunk_tables == (BlobRef(V2_TABLE_DIGEST, 132, 156, 2),)
+    node = decode_tree(root.tree)["dcp"]
+    assert node["format"] == 2 and node["part_ranks"] == [0]
+    compact = parse_compact(node["metadata"], parts=1)
+    assert [(e.fqn, e.is_bytes, e.size) for e in compact.entries] == [("w", False, (2, 4)), ("b", False, (4,)),
+                                                                       ("cfg", True, ())]
+    assert compact.layouts == [[((0, 0), (2, 4))], [((0,), (4,))]] and compact.partmaps == [[0]]
+    assert compact.props == [("float32", "strided", False, "contiguous_format", False)]
+    assert compact.storage_meta == {"checkpoint_id": "step-200", "save_id": "golden", "load_id": None, "modules": []}
+
+    part = decode_part(part_bytes, 3)
+    assert part.chunks == (ChunkEntry("11" * 32, 48, 72), ChunkEntry("22" * 32, 16, 40))
+    assert part.tensors == (
+        TensorEntry("torch", "float32", (2, 4), ((0, 0, 32),), {"fqn": "w", "offsets": [0, 0]}),
+        TensorEntry("torch", "float32", (4,), ((0, 32, 16),), {"fqn": "b", "offsets": [0]}),
+        TensorEntry("torch", "uint8", (16,), ((1, 0, 16),), {"fqn": "cfg", "bytes": True}))
+    table = decode_chunk_table(table_bytes, 2)
+    assert table.width == 32 and table.entries() == list(part.chunks)
+
+    # Re-encoding the decoded values reproduces the bytes exactly.
+    assert encode_root(root) == root_bytes
+    assert encode_part(part.tensors, part.chunks) == part_bytes
+    assert encode_chunk_table(table.entries()) == table_bytes

@@ -35,9 +35,12 @@ import torch
 import ckptstore
 import ckptstore.kernel
 import ckptstore.manifest
-from ckptstore.chunkblob import Compression, ElementType, encode_chunk
+from ckptstore.chunkblob import HEADER_SIZE, Compression, ElementType, encode_chunk
 from ckptstore.chunking import ChunkingPolicy
-from ckptstore.manifest import Marker, Ref, StepSummary, encode_marker, encode_ref
+from ckptstore.dcpformat import build_compact
+from ckptstore.hashing import hasher
+from ckptstore.manifest import ChunkEntry, Marker, Ref, StepSummary, TensorEntry, encode_marker, encode_ref
+from ckptstore.manifestv2 import BlobRef, RootManifest, encode_chunk_table, encode_part, encode_root
 from ckptstore.tree import encode_tree
 
 HERE = Path(__file__).resolve().parent
@@ -88,6 +91,43 @@ def tree_values() -> dict[str, Any]:
         "date": dt.date(2024, 5, 17),
         "timedelta": dt.timedelta(days=-1, seconds=3600, microseconds=5),
     }
+
+
+# -- manifest version 2 (a DCP step: root, one part, one chunk table) ----------------------
+V2_PART_FILE = "manifest-v2-part.msgpack"
+V2_TABLE_FILE = "chunk-table-v2.msgpack"
+V2_ROOT_FILE = "manifest-v2-root.msgpack"
+V2_CHUNKS = (ChunkEntry("11" * 32, 48, 72), ChunkEntry("22" * 32, 16, 40))
+# "w" (2x4 float32) and "b" (4 float32) share chunk 0; "cfg" is a DCP bytes item in chunk 1.
+V2_TENSORS = (
+    TensorEntry("torch", "float32", (2, 4), ((0, 0, 32),), {"fqn": "w", "offsets": [0, 0]}),
+    TensorEntry("torch", "float32", (4,), ((0, 32, 16),), {"fqn": "b", "offsets": [0]}),
+    TensorEntry("torch", "uint8", (16,), ((1, 0, 16),), {"fqn": "cfg", "bytes": True}),
+)
+V2_PROPS = ("float32", "strided", False, "contiguous_format", False)
+
+
+def v2_compact() -> dict[str, Any]:
+    return build_compact([("w", V2_PROPS, [2, 4], [((0, 0), (2, 4))], [0]),
+                          ("b", V2_PROPS, [4], [((0,), (4,))], [0]),
+                          ("cfg", None, [], [], [0])],
+                         planner_data={"w": ["w"], "b": ["b"], "cfg": ["cfg"]},
+                         storage_meta={"checkpoint_id": "step-200", "save_id": "golden", "load_id": None,
+                                       "modules": []}, version="1.0.0")
+
+
+def v2_objects() -> tuple[bytes, bytes, bytes]:
+    """(part, chunk table, root) bytes; the root names the other two by their blake3."""
+    digest = hasher("blake3")
+    part = encode_part(V2_TENSORS, V2_CHUNKS)
+    table = encode_chunk_table(sorted(V2_CHUNKS, key=lambda c: c.digest))
+    tree = encode_tree({"dcp": {"format": 2, "metadata": v2_compact(), "part_ranks": [0]}}, lambda _p, _v: None)
+    root = RootManifest(
+        step=200, created=1700000200.0, metadata={"dcp": {"format": 2, "items": 3, "ranks": 1}}, tree=tree,
+        parts=(BlobRef(digest(part), len(part), HEADER_SIZE + len(part), 3),),
+        chunk_tables=(BlobRef(digest(table), len(table), HEADER_SIZE + len(table), 2),),
+        tensors=3, chunks=2, logical_bytes=64, stored_bytes=112)
+    return part, table, encode_root(root)
 
 
 # -- the golden store ---------------------------------------------------------------------
@@ -155,6 +195,8 @@ def generate(out: Path) -> None:
     (out / "ref.msgpack").write_bytes(encode_ref(REF))
     (out / REF_SUMMARY_FILE).write_bytes(encode_ref(REF_WITH_SUMMARY))
     (out / TREE_VALUES_FILE).write_bytes(encode_tree(tree_values(), lambda _path, _value: None))
+    for name, data in zip((V2_PART_FILE, V2_TABLE_FILE, V2_ROOT_FILE), v2_objects(), strict=True):
+        (out / name).write_bytes(data)
 
     root = out / STORE_DIR
     if root.exists():
