@@ -14,12 +14,17 @@ ranks, on every rank, and commits nothing. `step` must be the same on every rank
 `overwrite`, `metadata`, `keep_last` and `keep_every` are taken from rank 0 only.
 
 The protocol (group rank 0 coordinates; every collective carries either data or an error,
-so every rank leaves each phase together):
-1. all-gather: each rank's step and state skeleton (the tree with tensors replaced by
-   numbered references) and tensor descriptions. Every rank merges them the same way, so a
-   conflict raises the same error everywhere before anything is written. Rank 0 first reads
-   the step's ref: without `overwrite`, a committed step is a StepExistsError on every rank
-   here, before any chunk is written.
+so every rank leaves each phase together; no rank but rank 0 ever receives another rank's tree):
+1. gather to rank 0: each rank's step and state skeleton (the tree with tensors replaced by
+   numbered references) and tensor descriptions. Rank 0 alone merges them, so a conflict is
+   decided once, before anything is written; before that, it reads the step's ref: without
+   `overwrite`, a committed step is a StepExistsError. Then scatter from rank 0: each rank
+   receives only its own assignment, the numbers of its own tensors that it writes and of
+   those it hashes (replicated ones), or the error that every rank then raises (the same
+   StateConflictError, StepExistsError, ...; the rank it came from raises its own object).
+   Traffic: rank 0 receives the R skeletons; every other rank sends its own and receives
+   R sizes plus its assignment, O(its tensors) (torch pads each object of a gather or scatter
+   to the largest one; benchmarks/multirank_sim.py has the figures for 256 ranks).
 2. each rank, under its own save lease taken after reading the gc epoch (as Store.save):
    writes the chunks of the leaves it owns, re-uploads any a concurrent gc swept
    (`settle_chunks`), and hashes its replicated tensors; gather to rank 0.
@@ -33,6 +38,11 @@ rank's leaves, replicated ones once); `store.load(step, into=own_state, strict=F
 the tensors of this rank's own state in place and returns the union with them (not strict:
 the step also holds the other ranks' tensors; `select=` reads only some). Once save has returned on a
 rank the commit is visible to it, so `load()` of the latest step works on every rank.
+A load is not a collective (a rank may load alone): each rank that calls `load()` or
+`load("latest")` lists the step refs and resolves "latest" itself. While another process may
+commit a newer step, ranks that must load the same step resolve it once, e.g. `step =
+store.latest()` on rank 0 sent with `torch.distributed.broadcast_object_list`, or use the
+`SaveInfo.step` their save returned.
 
 Every rank of the group must call save: a default group makes `Store.save` distributed, so a
 trainer that saves from rank 0 alone passes `process_group=SINGLE_PROCESS`. A rank that dies
@@ -191,25 +201,53 @@ def commit_manifest_bytes(store: Any, epoch_at_start: Epoch, step: int, encoded:
     return digest, commit_ref(store.backend, keys.step_ref_key(step), ref, overwrite=overwrite)
 
 
-# -- merging the ranks' trees ----------------------------------------------------------------
+# -- merging the ranks' trees (rank 0) -------------------------------------------------------
 @dataclass(frozen=True)
 class _Described:
-    """What every rank learns about one tensor of another rank."""
+    """What rank 0 learns about one tensor of a rank."""
 
     kind: str
     dtype: str
     shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _Assignment:
+    """What rank 0 sends one rank after the merge: the numbers of its own tensors (in the order
+    its tree lists them) that it writes and that it hashes (replicated ones), or the error
+    every rank raises (`error_rank`: the rank that raised it, which raises its own object)."""
+
+    writes: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    error: Exception | None = None
+    error_rank: int = -1
+
+
 @dataclass
 class MergedState:
-    """The union of the ranks' trees, computed identically on every rank."""
+    """The union of the ranks' trees, computed on rank 0."""
 
     tree: Any  # TensorRef(i) = the i-th merged tensor
     owners: list[tuple[int, int]]  # merged tensor -> (rank, local index) of the rank that writes it
     replicas: dict[int, list[tuple[int, int]]]  # merged tensor -> other ranks' (rank, local index)
-    paths: list[str]  # merged tensor -> its path, for messages
+    where: list[tuple[Any, ...]]  # merged tensor -> its path in the tree, for messages
     described: list[_Described]  # merged tensor -> kind, dtype, shape
+
+    def path(self, tensor: int) -> str:
+        """The path of merged tensor `tensor`, as messages show it."""
+        return format_path(self.where[tensor])
+
+    def assignments(self, size: int) -> list[_Assignment]:
+        """Per rank of `size`: what it writes (in merged order, so the same state packs the same
+        chunks) and what it hashes."""
+        writes: list[list[int]] = [[] for _ in range(size)]
+        hashes: list[list[int]] = [[] for _ in range(size)]
+        for rank, local in self.owners:
+            writes[rank].append(local)
+        for tensor, copies in self.replicas.items():
+            for rank, local in (self.owners[tensor], *copies):
+                hashes[rank].append(local)
+        return [_Assignment(w, h) for w, h in zip(writes, hashes, strict=True)]
 
 
 def _leaf_signature(leaf: Any, described: list[_Described]) -> tuple[bytes, list[_Described]]:
@@ -229,7 +267,7 @@ def merge_states(skeletons: list[Any], described: list[list[_Described]]) -> Mer
     """Merge decoded per-rank trees (rank order); StateConflictError names the first conflict."""
     owners: list[tuple[int, int]] = []
     replicas: dict[int, list[tuple[int, int]]] = {}
-    paths: list[str] = []
+    where: list[tuple[Any, ...]] = []
     kinds: list[_Described] = []
 
     def refs(node: Any) -> list[TensorRef]:
@@ -251,7 +289,7 @@ def merge_states(skeletons: list[Any], described: list[list[_Described]]) -> Mer
     def renumber(node: Any, rank: int, path: tuple[Any, ...]) -> Any:
         if isinstance(node, TensorRef):
             owners.append((rank, node.index))
-            paths.append(format_path(path))
+            where.append(path)
             kinds.append(described[rank][node.index])
             return TensorRef(len(owners) - 1)
         if isinstance(node, dict):
@@ -273,27 +311,55 @@ def merge_states(skeletons: list[Any], described: list[list[_Described]]) -> Mer
             for rank, node in dicts:
                 for key, value in node.items():
                     names.setdefault(key, []).append((rank, value))
-            return {key: merge(values, (*path, key)) for key, values in names.items()}
+            # A subtree one rank holds (most of them) has nothing to merge or compare.
+            return {key: renumber(values[0][1], values[0][0], (*path, key)) if len(values) == 1
+                    else merge(values, (*path, key)) for key, values in names.items()}
         owner_rank, owner_leaf = held[0]
-        signature = _leaf_signature(owner_leaf, described[owner_rank])
-        for rank, leaf in held[1:]:
-            if _leaf_signature(leaf, described[rank]) != signature:
-                raise StateConflictError(format_path(path), (owner_rank, rank),
-                                         "different values (or tensor dtypes or shapes)")
+        if len(held) > 1:  # a leaf of one rank (most of them) has nothing to compare
+            signature = _leaf_signature(owner_leaf, described[owner_rank])
+            for rank, leaf in held[1:]:
+                if _leaf_signature(leaf, described[rank]) != signature:
+                    raise StateConflictError(format_path(path), (owner_rank, rank),
+                                             "different values (or tensor dtypes or shapes)")
+        first = len(owners)
         merged = renumber(owner_leaf, owner_rank, path)
-        first = len(owners) - len(signature[1])
         for rank, leaf in held[1:]:
             for offset, ref in enumerate(refs(leaf)):
                 replicas.setdefault(first + offset, []).append((rank, ref.index))
         return merged
 
     tree = merge(list(enumerate(skeletons)), ())
-    return MergedState(tree, owners, replicas, paths, kinds)
+    return MergedState(tree, owners, replicas, where, kinds)
+
+
+def introduce(state: Any, step: int, sources: list[Any]) -> dict[str, Any]:
+    """What a rank sends rank 0 in phase 1: its step, its state's skeleton (tensors replaced by
+    their numbers, appended to `sources`) and the tensors' descriptions."""
+    from ckptstore.tensors import describe, is_tensor
+
+    def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
+        if not is_tensor(value):
+            return None
+        sources.append(describe(value, format_path(path)))
+        return len(sources) - 1
+
+    tree = encode_tree(state, on_tensor)
+    return {"step": step, "tree": tree, "tensors": [_Described(s.kind, s.dtype, s.shape) for s in sources]}
+
+
+def merge_introductions(intros: list[dict[str, Any]]) -> MergedState:
+    """Rank 0's merge of every rank's `introduce` (none holding an error): InvalidArgumentError
+    when the steps differ, StateConflictError on a conflict."""
+    steps = [i["step"] for i in intros]
+    if len(set(steps)) > 1:
+        raise InvalidArgumentError(f"the ranks passed different steps to save: {steps}")
+    return merge_states([decode_tree(i["tree"]) for i in intros], [i["tensors"] for i in intros])
 
 
 # -- the collectives -----------------------------------------------------------------------
 class _Group:
-    """torch.distributed object collectives on one group; failures become DistributedSaveError."""
+    """torch.distributed object collectives on one group, rooted at its rank 0; failures
+    become DistributedSaveError."""
 
     def __init__(self, group: Any, step: int):
         import torch.distributed as dist
@@ -311,21 +377,23 @@ class _Group:
             f"process_group=ckptstore.distributed.SINGLE_PROCESS). Nothing was committed by this save unless "
             f"another rank reports that it was")
 
-    def all_gather(self, obj: Any, what: str) -> list[Any]:
-        out: list[Any] = [None] * self.size
-        try:
-            self.dist.all_gather_object(out, obj, group=self.group)
-        except RuntimeError as exc:
-            raise self._failed(what, exc) from exc
-        return out
-
     def gather(self, obj: Any, what: str) -> list[Any] | None:
+        """Every rank's `obj` on rank 0 (None elsewhere)."""
         out: list[Any] | None = [None] * self.size if self.rank == 0 else None
         try:
             self.dist.gather_object(obj, out, dst=self.root, group=self.group)
         except RuntimeError as exc:
             raise self._failed(what, exc) from exc
         return out
+
+    def scatter(self, objs: list[Any] | None, what: str) -> Any:
+        """`objs[r]` (given on rank 0, None elsewhere) on rank r."""
+        box: list[Any] = [None]
+        try:
+            self.dist.scatter_object_list(box, objs, src=self.root, group=self.group)
+        except RuntimeError as exc:
+            raise self._failed(what, exc) from exc
+        return box[0]
 
     def broadcast(self, obj: Any, what: str) -> Any:
         box = [obj]
@@ -356,11 +424,11 @@ def _portable(exc: Exception) -> Exception:
         return CkptStoreError(f"{type(exc).__name__}: {exc}")
 
 
-def _first_error(items: list[Any], rank: int, mine: dict[str, Any]) -> Exception | None:
-    """The lowest rank's error; this rank's own exception object (with its traceback) if it is ours."""
+def _first_error(items: list[Any]) -> tuple[int, Exception] | None:
+    """The lowest rank's error in gathered `items`, with that rank."""
     for index, item in enumerate(items):
         if isinstance(item, dict) and item.get("error") is not None:
-            return mine["local_error"] if index == rank and "local_error" in mine else item["error"]
+            return index, item["error"]
     return None
 
 
@@ -374,38 +442,39 @@ def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, 
                       keep_last: int | None, keep_every: int | None,
                       check_arguments: Callable[[], None]) -> SaveInfo:
     """Store.save on every rank of `group` (see the module docstring); returns SaveInfo."""
-    from ckptstore.tensors import describe, is_tensor
-
     started = time.perf_counter()
     ranks = _Group(group, step)
     sources: list[Any] = []
-    intro: dict[str, Any] = {"step": step}
+    local_error: Exception | None = None  # this rank's own exception object, raised with its traceback
     try:
         check_arguments()
         if ranks.rank == 0:
             # Refused before any rank writes a chunk (as Store.save): `overwrite` is rank 0's, and
-            # its StepExistsError reaches every rank through the exchange of trees below.
+            # its StepExistsError reaches every rank through the assignments below.
             store.refuse_committed(step, overwrite)
-
-        def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
-            if not is_tensor(value):
-                return None
-            sources.append(describe(value, format_path(path)))
-            return len(sources) - 1
-
-        intro["tree"] = encode_tree(state, on_tensor)
-        intro["tensors"] = [_Described(s.kind, s.dtype, s.shape) for s in sources]
+        intro = introduce(state, step, sources)
     except Exception as exc:
-        intro["error"] = _portable(exc)
-    local = {"local_error": intro["error"]} if "error" in intro else {}
-    intros = ranks.all_gather(intro, "exchange of state trees")
-    error = _first_error(intros, ranks.rank, local)
-    if error is not None:
-        raise error
-    steps = {i["step"] for i in intros}
-    if len(steps) > 1:
-        raise InvalidArgumentError(f"the ranks passed different steps to save: {[i['step'] for i in intros]}")
-    merged = merge_states([decode_tree(i["tree"]) for i in intros], [i["tensors"] for i in intros])
+        local_error = exc
+        intro = {"step": step, "error": _portable(exc)}
+
+    # Phase 1: trees to rank 0, which merges them; each rank gets back only its own part.
+    intros = ranks.gather(intro, "gather of state trees")
+    merged: MergedState | None = None
+    assignments: list[_Assignment] | None = None
+    if intros is not None:  # rank 0
+        failed = _first_error(intros)
+        try:
+            if failed is not None:
+                raise failed[1]
+            merged = merge_introductions(intros)
+            assignments = merged.assignments(ranks.size)
+        except Exception as exc:
+            if failed is None:  # rank 0's merge raised it
+                failed, local_error = (0, _portable(exc)), exc
+            assignments = [_Assignment(error=failed[1], error_rank=failed[0])] * ranks.size
+    mine: _Assignment = ranks.scatter(assignments, "scatter of assignments")
+    if mine.error is not None:
+        raise local_error if mine.error_rank == ranks.rank and local_error is not None else mine.error
 
     # Every rank: epoch first, then the lease, then any chunk check (as Store.save); the lease
     # is held until the outcome arrives, i.e. after rank 0's commit.
@@ -416,18 +485,18 @@ def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, 
             ensure_conditional_writes(store.backend)
             epoch_at_start = read_epoch(store.backend)[0]
             stack.enter_context(Lease(store.backend, "save", writer_identity(), ttl=store.lease_ttl))
-            partial = _write_own(store, ranks.rank, merged, sources, epoch_at_start)
+            partial = _write_own(store, mine, sources, epoch_at_start)
         except Exception as exc:
             partial = {"error": _portable(exc)}
-            local = {"local_error": exc}
+            local_error = exc
         partials = ranks.gather(partial, "gather of partial manifests")
         outcome = _Outcome()
         if partials is not None:  # rank 0
             try:
-                error = _first_error(partials, ranks.rank, local)
-                if error is not None:
-                    raise error
-                assert epoch_at_start is not None
+                failed = _first_error(partials)
+                if failed is not None:
+                    raise local_error if failed[0] == 0 and local_error is not None else failed[1]
+                assert merged is not None and epoch_at_start is not None
                 outcome = _Outcome(info=_commit(store, merged, partials, step, epoch_at_start, overwrite, metadata,
                                                 keep_last, keep_every, started, writer_identity()))
             except Exception as exc:
@@ -438,23 +507,18 @@ def save_across_ranks(store: StoreKernel, group: Any, step: int, state: Any, *, 
     return outcome.info
 
 
-def _write_own(store: StoreKernel, rank: int, merged: MergedState, sources: list[Any], epoch: Epoch) -> dict[str, Any]:
-    """This rank's part: write the chunks of the tensors it owns, hash its replicated ones."""
-    own = [(g, local) for g, (owner, local) in enumerate(merged.owners) if owner == rank]
-    datas = [sources[local].data for _, local in own]
+def _write_own(store: StoreKernel, mine: _Assignment, sources: list[Any], epoch: Epoch) -> dict[str, Any]:
+    """This rank's part: write the chunks of the tensors it owns, hash its replicated ones.
+    Keyed by this rank's own tensor numbers; rank 0 knows which merged tensor each is."""
+    datas = [sources[local].data for local in mine.writes]
     plan = plan_chunks([d.nbytes for d in datas], store.chunking)
     writer = ChunkWriter(store.backend, store._hash, store.compression, store.threads,
-                         elements=[sources[local].element for _, local in own])
+                         elements=[sources[local].element for local in mine.writes])
     written = writer.write(plan, datas)
     settle_chunks(store, epoch, writer, plan, written, datas)
-    segments = dict(zip((g for g, _ in own), plain_segments(plan, written), strict=True))
+    segments = dict(zip(mine.writes, plain_segments(plan, written), strict=True))
     # Replicated tensors: the owner and every replica hash the whole tensor; rank 0 compares.
-    digests: dict[int, str] = {}
-    for g, copies in merged.replicas.items():
-        holders = [merged.owners[g], *copies]
-        for holder_rank, local in holders:
-            if holder_rank == rank:
-                digests[g] = store._hash(sources[local].data)
+    digests = {local: store._hash(sources[local].data) for local in mine.hashes}
     new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
     return {"segments": segments, "digests": digests, "new": new}
 
@@ -464,15 +528,15 @@ def _commit(store: StoreKernel, merged: MergedState, partials: list[dict[str, An
             writer: str) -> SaveInfo:
     """Rank 0: check replicas, build and commit the manifest, apply retention."""
     for g, copies in merged.replicas.items():
-        owner_rank = merged.owners[g][0]
-        want = partials[owner_rank]["digests"][g]
-        for rank, _ in copies:
-            if partials[rank]["digests"][g] != want:
-                raise StateConflictError(merged.paths[g], (owner_rank, rank), "tensors of different contents")
+        owner_rank, owner_local = merged.owners[g]
+        want = partials[owner_rank]["digests"][owner_local]
+        for rank, local in copies:
+            if partials[rank]["digests"][local] != want:
+                raise StateConflictError(merged.path(g), (owner_rank, rank), "tensors of different contents")
     table = ChunkTable()
     entries = tuple(
-        TensorEntry(d.kind, d.dtype, d.shape, table.segments(partials[rank]["segments"][g]))
-        for g, ((rank, _), d) in enumerate(zip(merged.owners, merged.described, strict=True)))
+        TensorEntry(d.kind, d.dtype, d.shape, table.segments(partials[rank]["segments"][local]))
+        for (rank, local), d in zip(merged.owners, merged.described, strict=True))
     tree = encode_tree(merged.tree, lambda _p, v: v.index if isinstance(v, TensorRef) else None)
     manifest = Manifest(step, time.time(), metadata, tree, entries, tuple(table.chunks))
     new: dict[str, int] = {}
@@ -486,4 +550,3 @@ def _commit(store: StoreKernel, merged: MergedState, partials: list[dict[str, An
         new_chunks=len(new), new_bytes=sum(new.values()), seconds=time.perf_counter() - started)
     # Never raises: the step is committed, and every rank gets the same SaveInfo.
     return store.retain_after_commit(info, keep_last=keep_last, keep_every=keep_every)
-

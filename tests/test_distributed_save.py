@@ -229,6 +229,10 @@ def _conflict_worker(rank: int, world: int, tmp: str, url: str) -> None:
         "tensor": {"w": torch.full((64,), float(rank))},  # same dtype/shape, different bytes
         "shape": {"w": torch.zeros(4 + rank)},
         "dict_vs_leaf": {"opt": {"a": 1} if rank == 0 else 5},
+        # Rank 0 holds no part of these: it decides the conflict of ranks 1 and 2 (a shape at the
+        # merge, different bytes at the commit) and every rank raises it.
+        "not_rank_0": {"mine": 0} if rank == 0 else {"theirs": {"x": torch.full((4,), float(rank))}},
+        "not_rank_0_shape": {"mine": 0} if rank == 0 else {"theirs": {"x": torch.zeros(rank)}},
         "steps": None,
         "metadata": None,
     }
@@ -243,7 +247,7 @@ def _conflict_worker(rank: int, world: int, tmp: str, url: str) -> None:
             results[name] = None
         except Exception as exc:
             results[name] = _error(exc)
-    # Inside the group, rank 0 alone saves with SINGLE_PROCESS (rank 1 takes no part).
+    # Inside the group, rank 0 alone saves with SINGLE_PROCESS (the others take no part).
     if rank == 0:
         results["single"] = store.save(7, {"only": torch.ones(2)}, process_group=SINGLE_PROCESS).step
     dist.barrier()
@@ -254,15 +258,18 @@ def _conflict_worker(rank: int, world: int, tmp: str, url: str) -> None:
 @pytest.mark.slow
 def test_conflicting_states_raise_the_same_typed_error_on_every_rank(tmp_path: Path) -> None:
     url = str(tmp_path / "store")
-    assert _spawn(_conflict_worker, 2, str(tmp_path), url) == [0, 0]
-    reports = _reports(str(tmp_path), "conflict", range(2))
-    for name, path in [("scalar", "state['lr']"), ("tensor", "state['w']"), ("shape", "state['w']"),
-                       ("dict_vs_leaf", "state['opt']")]:
+    assert _spawn(_conflict_worker, 3, str(tmp_path), url) == [0, 0, 0]
+    reports = _reports(str(tmp_path), "conflict", range(3))
+    for name, path, ranks in [("scalar", "state['lr']", [0, 1]), ("tensor", "state['w']", [0, 1]),
+                              ("shape", "state['w']", [0, 1]), ("dict_vs_leaf", "state['opt']", [0, 1]),
+                              ("not_rank_0", "state['theirs']['x']", [1, 2]),
+                              ("not_rank_0_shape", "state['theirs']['x']", [1, 2])]:
         for r in reports:
             assert r[name]["type"] == "StateConflictError", (name, r[name])
-            assert r[name]["path"] == path and r[name]["ranks"] == [0, 1]
+            assert r[name]["path"] == path and r[name]["ranks"] == ranks
             assert r[name] == reports[0][name]
     assert "tensors of different contents" in reports[0]["tensor"]["message"]
+    assert "tensors of different contents" in reports[0]["not_rank_0"]["message"]
     for r in reports:
         assert r["steps"]["type"] == "InvalidArgumentError" and "different steps" in r["steps"]["message"]
         assert r["metadata"]["type"] == "UnsupportedValueError" and r["metadata"]["path"] == "metadata"
@@ -290,12 +297,95 @@ def test_merge_rules_without_processes() -> None:
     # Merged tensors are numbered in merged-tree order; the replicated one is rank 0's.
     assert merged.tree == {"m": {"a": TensorRef(0), "b": TensorRef(1)}, "step": 3, "shared": [TensorRef(2), "x"]}
     assert merged.owners == [(0, 0), (1, 0), (0, 1)] and merged.replicas == {2: [(1, 1)]}
-    assert merged.paths[1] == "state['m']['b']"
+    assert merged.path(1) == "state['m']['b']"
     c = skeleton({"m": {"a": torch.zeros(2)}, "step": 3, "shared": [torch.ones(1), "y"]})
     with pytest.raises(StateConflictError, match=r"state\['shared'\].*ranks 0, 1"):
         merge_states([a[0], c[0]], [a[1], c[1]])
     nan = [skeleton({"x": float("nan")}) for _ in range(2)]  # NaN == NaN here: the same bytes
     assert math.isnan(merge_states([n[0] for n in nan], [n[1] for n in nan]).tree["x"])
+
+
+# -- only rank 0 receives the ranks' trees ------------------------------------------------------
+OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "scatter_object_list", "broadcast_object_list")
+
+
+def _tally_collectives(rank: int) -> list[list[Any]]:
+    """Wrap torch.distributed's object collectives in this process (they stay the real ones);
+    each call appends [name, pickled bytes this rank received from the others]."""
+    import pickle
+
+    calls: list[list[Any]] = []
+
+    def received(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        if name in ("all_gather_object", "gather_object"):
+            out = args[0] if name == "all_gather_object" else (args[1] if len(args) > 1 else kwargs.get(
+                "object_gather_list"))
+            return sum(len(pickle.dumps(obj)) for i, obj in enumerate(out or []) if i != rank)
+        return 0 if rank == 0 else len(pickle.dumps(args[0][0]))  # scatter, broadcast: from rank 0
+
+    for name in OBJECT_COLLECTIVES:
+        real = getattr(dist, name)
+
+        def wrapper(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> None:
+            _real(*args, **kwargs)
+            calls.append([_name, received(_name, args, kwargs)])
+
+        setattr(dist, name, wrapper)
+    return calls
+
+
+def _wide_state(rank: int) -> dict[str, Any]:
+    """Rank 0: 400 tensors with long names (a skeleton of tens of kB); the others: two tensors."""
+    if rank == 0:
+        own = {f"model.layers.{i}.self_attention.linear_qkv.layer_norm_weight": torch.ones(2) for i in range(400)}
+    else:
+        own = {f"model.rank{rank}.weight": torch.full((3,), float(rank))}
+    return {"model": own, "shared": torch.arange(5.0), "step": 3}
+
+
+def _traffic_worker(rank: int, world: int, tmp: str, url: str) -> None:
+    _init(rank, world, tmp, "traffic")
+    store = _open(url)
+    calls = _tally_collectives(rank)
+    info = store.save(0, _wide_state(rank))
+    _finish(tmp, "traffic", rank, {"calls": calls, "tensors": info.tensors})
+
+
+@pytest.mark.slow
+def test_only_rank_0_receives_the_ranks_trees(tmp_path: Path) -> None:
+    """Before, phase 1 was an all-gather: rank 1 and 2 each received rank 0's 400-tensor tree
+    (about 30 kB). Now they receive a few hundred bytes in all: their assignments and the outcome."""
+    url, world = str(tmp_path / "store"), 3
+    assert _spawn(_traffic_worker, world, str(tmp_path), url) == [0] * world
+    reports = _reports(str(tmp_path), "traffic", range(world))
+    for r in reports[1:]:
+        names = [name for name, _ in r["calls"]]
+        assert "all_gather_object" not in names, names
+        received = sum(size for _, size in r["calls"])
+        assert received < 2_000, r["calls"]  # a tenth of rank 0's tree: nothing of it arrived
+    from ckptstore.distributed import introduce  # (after the checks above, which fail on the all-gather)
+
+    assert len(__import__("pickle").dumps(introduce(_wide_state(0), 0, []))) > 20_000  # rank 0's tree
+    # Rank 0 received the other ranks' trees (and their partial manifests).
+    assert reports[0]["calls"][0][0] == "gather_object" and reports[0]["calls"][0][1] > 0
+    assert all(r["tensors"] == 400 + 2 + 1 for r in reports)  # every rank's tensors, "shared" once
+    loaded = ckptstore.open(url, create=False).load(0)
+    assert len(loaded["model"]) == 402 and torch.equal(loaded["model"]["model.rank2.weight"], torch.full((3,), 2.0))
+
+
+def test_each_rank_is_assigned_only_its_own_tensors_at_any_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulation of benchmarks/multirank_sim.py on the library's merge: a rank other than
+    0 receives its own assignment (the same size at 4 or 24 ranks) and 8 B per rank of sizes,
+    while what an all-gather delivered grew with the ranks' trees."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))  # the benchmarks package
+    from benchmarks.multirank_sim import run
+
+    small, large = run(ranks=4, tensors=40), run(ranks=24, tensors=40)
+    assert small["assignment_bytes"] == large["assignment_bytes"] < small["skeleton_bytes"]
+    assert large["other_rank_received_bytes"] - small["other_rank_received_bytes"] == (24 - 4) * 8
+    assert large["merged_tensors"] == 24 * (40 - 8) + 8  # the replicated tensors once
+    assert large["before_received_bytes_per_rank"] > 20 * large["other_rank_received_bytes"]
+    assert large["received_bytes"][0] == large["rank0_received_bytes"] >= 23 * large["skeleton_bytes"]
 
 
 # -- a rank dies mid-save ------------------------------------------------------------------------
@@ -323,7 +413,12 @@ def _failing_rank_worker(rank: int, world: int, tmp: str, url: str, mode: str, t
     backend = FailRankOnChunkPut(_open(url).backend)
     store = ckptstore.Store(backend, chunking=SMALL)
     store.save(0, _rank_state(rank, 0))  # step 0 commits normally
-    backend.mode = mode if rank == world - 1 else None
+    backend.mode = mode if rank == world - 1 and mode in ("kill", "stall") else None
+    if mode == "kill-at-gather" and rank == world - 1:  # dies as it joins phase 1: rank 0 waits for its tree
+        def die(*_args: Any, **_kwargs: Any) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dist.gather_object = die  # type: ignore[assignment]  # torch.distributed's, in this process only
     started = time.monotonic()
     try:
         store.save(1, _rank_state(rank, 1))
@@ -343,11 +438,13 @@ def _next_run_worker(rank: int, world: int, tmp: str, url: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["kill", "stall"])
+@pytest.mark.parametrize("mode", ["kill", "stall", "kill-at-gather"])
 def test_a_rank_that_dies_or_stalls_mid_save_commits_nothing_and_the_next_run_saves(tmp_path: Path,
                                                                                      mode: str) -> None:
-    """kill: the rank is SIGKILLed (gloo sees its sockets close); stall: it stops answering and
-    the others give up after the process group's timeout (5 s here)."""
+    """kill: the rank is SIGKILLed while it writes its chunks (gloo sees its sockets close);
+    stall: it stops answering there and the others give up after the process group's timeout
+    (5 s here); kill-at-gather: it is SIGKILLed as it joins the gather of trees, while rank 0
+    waits for them and the others wait for their assignments."""
     url, world, timeout = str(tmp_path / "store"), 3, 5.0
     codes = _spawn(_failing_rank_worker, world, str(tmp_path), url, mode, timeout, stalled=(world - 1,))
     assert codes[:-1] == [0] * (world - 1) and codes[-1] == -signal.SIGKILL  # stalled: killed by _spawn
