@@ -692,7 +692,11 @@ class StoreWriter(StorageWriter):
         compact = metadata_to_compact(metadata, held)
         tree = encode_tree({TREE_KEY: {"format": DCP_FORMAT, "metadata": compact, "part_ranks": part_ranks}},
                            lambda _p, _v: None)
-        tables = [put_blob(self.store, self._hash, data)[0] for data in build_chunk_tables(list(chunks.values()))]
+        tables = []
+        for data in build_chunk_tables(list(chunks.values())):
+            table, written = put_blob(self.store, self._hash, data)
+            tables.append(table)
+            new_bytes += table.stored_size if written else 0
         table_refs = tuple(BlobRef(t.digest, t.raw_size, t.stored_size,
                                    min(TABLE_ENTRIES, len(chunks) - i * TABLE_ENTRIES)) for i, t in enumerate(tables))
         summary = {TREE_KEY: {"format": DCP_FORMAT, "items": len(metadata.state_dict_metadata), "ranks": len(results)}}
@@ -954,13 +958,16 @@ class StoreReader(StorageReader):
             buffers[index] = buffer
             position = 0
             for chunk, offset, length in stored.segments:
-                if any(lo < position + length and position < hi for lo, hi in spans):
+                # Only the bytes the plan reads: a resharded load needs part of a stored shard.
+                for lo, hi in _merged(spans, position, position + length):
                     job = jobs.setdefault(chunk.digest, (chunk, []))
-                    job[1].append(Landing(offset, length, view[position:position + length], stored.label))
+                    job[1].append(Landing(offset + lo - position, hi - lo, view[lo:hi], stored.label))
                 position += length
         algorithm = self.store._require_store().hash_algorithm
         reader = ChunkReader(self.store.backend, hasher(algorithm), self.store.threads, verify=self.store.verify)
-        reader.read(list(jobs.values()), f"step {self.resolved}")
+        # A chunk stored uncompressed that is needed only in part is fetched by byte range (not
+        # hash-checked: docs/FORMAT.md, "Ranged reads"); whole and compressed chunks are checked.
+        reader.read_ranges(list(jobs.values()), f"step {self.resolved}")
 
         for index, read_items in by_storage.items():
             buffer = buffers[index]
@@ -1041,6 +1048,19 @@ def _check_weights_only(raw: bytes, fqn: str, step: int | None) -> None:
         admitted = {_global_name(g) for g in admit}
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:200]
         raise PickleRefusedError(step, fqn, [n for n in unsafe if n not in admitted], reason) from exc
+
+
+def _merged(spans: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) that `spans` cover, as disjoint sorted ranges."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted((max(lo, start), min(hi, end)) for lo, hi in spans):
+        if lo >= hi:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _byte_span(shape: tuple[int, ...], element_size: int, offsets: Any, lengths: Any) -> tuple[int, int]:

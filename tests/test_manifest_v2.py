@@ -296,3 +296,72 @@ def test_a_dcp_resave_of_unchanged_data_heads_no_chunk_its_rank_wrote_before() -
     assert sorted(heads) == sorted(keys.chunk_key(b.digest) for b in root.blobs)  # 2 parts + 1 table, not 64 chunks
     requests = sum(1 for op, k in counting.log if op in ("get", "head", "put", "list", "delete"))
     assert requests / chunks <= 1.0  # ~20 fixed requests (epoch, leases, refs, root, parts) for 2 ranks
+
+
+class _BytesCounting(CountingBackend):
+    """Counts the bytes each read returns, by key prefix."""
+
+    def __init__(self, inner: Any):
+        super().__init__(inner)
+        self.read_bytes: dict[str, int] = {}
+
+    def _add(self, key: str, n: int) -> None:
+        prefix = key.split("/", 1)[0]
+        self.read_bytes[prefix] = self.read_bytes.get(prefix, 0) + n
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        data = super().get_range(key, start, length)
+        self._add(key, len(data))
+        return data
+
+    def read_into(self, key: str, start: int, buffers: Any) -> int:
+        n = super().read_into(key, start, buffers)
+        self._add(key, n)
+        return n
+
+
+class _SlicePlanner:
+    """What read_data asks of a LoadPlanner, landing into one local shard per fqn."""
+
+    def __init__(self, local: dict[str, torch.Tensor]):
+        self.local = local
+
+    def resolve_tensor(self, item: Any) -> torch.Tensor:
+        t = self.local[item.dest_index.fqn]
+        for d, (o, n) in enumerate(zip(item.dest_offsets, item.lengths, strict=True)):
+            t = t.narrow(d, o, n)
+        return t
+
+    def commit_tensor(self, item: Any, tensor: torch.Tensor) -> None:
+        pass
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_a_resharded_load_fetches_only_the_rows_it_needs_of_uncompressed_chunks(codec: str) -> None:
+    """Saved on 2 ranks (32 rows each, one 32 KiB chunk), loaded as rank 1 of 4 (rows 16..32):
+    half of rank 0's shard. An uncompressed chunk is read by byte range (half its bytes); a
+    compressed one whole."""
+    from ckptstore.chunkblob import Compression
+    from ckptstore.chunking import ChunkingPolicy
+
+    model: dcpsim.Model = {"w": ((64, 256), torch.float32)}
+    full = {"w": torch.arange(64 * 256, dtype=torch.float32).reshape(64, 256)}
+    store = ckptstore.open(f"memory://v2-ranged-{codec}", compression=Compression(codec),
+                           chunking=ChunkingPolicy(chunk_size=32768, small_tensor_limit=1024, pack_size=8192))
+    dcpsim.save(store, 1, model, 2, _data(full))
+    counting = _BytesCounting(store.backend)
+    reader = StoreReader(store, 1)
+    metadata = reader.read_metadata()
+    reader.store = _Wrapped(store, counting)
+    local = {"w": torch.zeros(16, 256)}
+    reader.read_data(dcpsim.read_plan(metadata, model, 1, 4), _SlicePlanner(local)).wait()  # type: ignore[arg-type]
+    assert torch.equal(local["w"], full["w"][16:32])
+    read = {k for op, k in counting.log if op == "get"}
+    assert [p.digest for p in _root(store, 1).parts if keys.chunk_key(p.digest) in read] == \
+        [_root(store, 1).parts[0].digest]  # rank 0's part: rows 0..32
+    data = counting.read_bytes["chunks"] - _root(store, 1).parts[0].stored_size
+    if codec == "none":
+        assert data == 24 + 16 * 1024  # the chunk's header, then the 16 rows
+    else:
+        [chunk] = read - {keys.chunk_key(_root(store, 1).parts[0].digest)}
+        assert data == store.backend.head(chunk).size  # compressed: the whole zstd frame, hash-checked
