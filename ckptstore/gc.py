@@ -33,13 +33,13 @@ from typing import Any, TypeVar
 
 from ckptstore import keys
 from ckptstore.backends.base import Backend, ObjectInfo
-from ckptstore.commit import read_ref
 from ckptstore.deadline import deadline_in
 from ckptstore.epoch import set_epoch
-from ckptstore.errors import CkptStoreError, GCLockLostError
+from ckptstore.errors import CkptStoreError, GCLockLostError, ObjectNotFoundError
 from ckptstore.gccache import MarkCache
 from ckptstore.gclock import GCLock
 from ckptstore.leases import fresh_leases
+from ckptstore.manifest import MAX_REF_BYTES, decode_ref
 from ckptstore.manifestread import reachable_digests, read_manifest_object
 
 log = logging.getLogger(__name__)
@@ -224,22 +224,28 @@ def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport, cache
 
 
 def _read_ref_target(backend: Backend, key: str, cache: MarkCache | None, now: float | None) -> str | None:
-    """The manifest digest the ref at `key` names, or None if it is gone. With a cache, the
-    answer is remembered under the ref's version (`MarkCache.remember_ref`: on local only once
-    the ref is old at server time `now`), but only if a head after the read shows the version
-    the read started with (`get_small` takes the version from a head before its read, so the
-    bytes could be newer than it)."""
-    found = read_ref(backend, key)
-    if found is None:
+    """The manifest digest the ref at `key` names, or None if it is gone (as `read_ref`). With
+    a cache, the answer is remembered under the ref's version (`MarkCache.remember_ref`: on
+    local only once the ref is old at server time `now`). `get_small` takes the version from a
+    head before its read, so the bytes could be newer than it: unless the cache knows that
+    pairing to be safe on this backend, it is remembered only if a head after the read shows
+    the same version."""
+    try:
+        result = backend.get_small(key, MAX_REF_BYTES)
+    except ObjectNotFoundError:
         return None
-    ref, version = found
+    ref = decode_ref(result.data)
     if cache is not None:
-        try:
-            after = backend.head(key)
-        except CkptStoreError:  # gone, or unreadable now: the read stands, nothing is cached
-            after = None
-        if after is not None and after.version == version:
-            cache.remember_ref(key, version, ref.manifest, modified=after.modified, now=now)
+        modified: float | None = None
+        if not (cache.versions_unique and cache.pairing_is_safe(result.version, result.data)):
+            try:
+                after = backend.head(key)
+            except CkptStoreError:  # gone, or unreadable now: the read stands, nothing is cached
+                return ref.manifest
+            if after.version != result.version:
+                return ref.manifest
+            modified = after.modified
+        cache.remember_ref(key, result.version, ref.manifest, modified=modified, now=now)
     return ref.manifest
 
 

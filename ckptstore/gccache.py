@@ -11,9 +11,11 @@ Two kinds of entry, each trusted only under its own key:
   object per chunk. k new steps write k files.
 - **A ref's target** (the manifest digest it names), keyed by the ref's key *and* the version
   the ref had when it was read: used only when a listing of refs/ shows exactly that version
-  again. A ref's version comes from a head before its read (`get_small`), so an entry is
-  recorded only if a second head after the read shows the same version: the bytes read are
-  then the bytes of that version. The version must never come back with other bytes:
+  again. A ref's version comes from a head before its read (`get_small`), so the bytes read
+  may be newer than the version (`pairing_is_safe`): where a version is never reused (GCS,
+  memory://) such an entry can never match a later listing; on S3 an ETag equal to the MD5
+  of the bytes read names exactly them; otherwise an entry is recorded only if a second head
+  after the read shows the same version. The version must never come back with other bytes:
   - S3: an ETag is the MD5 of the bytes (or unique per upload when encrypted), so the same
     ETag means the same bytes and the same target; GCS: a generation is never reused for a
     name; memory://: a process-wide counter (and the store's marker, in the identity below,
@@ -86,7 +88,7 @@ def cache_dir() -> Path:
 def versions_identify_bytes(url: str) -> bool:
     """Whether a version of an object at `url` can only ever belong to the bytes it was first
     seen with, whenever it was seen (module docstring): S3, GCS and memory://, not local paths."""
-    return url.split("://", 1)[0] in ("s3", "gs", "memory") and "://" in url
+    return _scheme(url) in ("s3", "gs", "memory")
 
 
 def write_atomically(path: Path, body: bytes | Iterable[bytes]) -> None:
@@ -103,6 +105,10 @@ def write_atomically(path: Path, body: bytes | Iterable[bytes]) -> None:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else ""
 
 
 class MarkCache:
@@ -169,12 +175,25 @@ class MarkCache:
         self._seen[key] = entry
         return entry[1]
 
-    def remember_ref(self, key: str, version: str, manifest: str, *, modified: float, now: float | None) -> bool:
+    def pairing_is_safe(self, version: str, data: bytes) -> bool:
+        """Whether a ref read as `data` under `version` (from the head before the read) may be
+        recorded without a head after it: GCS generations and memory's counter are never
+        reused, so if `data` is newer the entry can never match a listing; an S3 ETag that is
+        the MD5 of `data` is the version of exactly these bytes. Else (local, an encrypted or
+        changed S3 object): False, confirm with a head."""
+        scheme = _scheme(self.url)
+        if scheme in ("gs", "memory"):
+            return True
+        return scheme == "s3" and version.strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def remember_ref(self, key: str, version: str, manifest: str, *, modified: float | None,
+                     now: float | None) -> bool:
         """The ref at `key` had `version` (server mtime `modified`) before and after gc read
         that it names `manifest`; `now`: the server's time at the mark (None: unknown, as in a
         dry run). Returns whether it was recorded: always where versions never repeat, else
         only once the ref has settled (SETTLED_SECONDS)."""
-        settled = self.versions_unique or (now is not None and now - modified >= SETTLED_SECONDS)
+        settled = self.versions_unique or (
+            now is not None and modified is not None and now - modified >= SETTLED_SECONDS)
         if settled and version and _HEX.fullmatch(manifest):
             self._seen[key] = (version, manifest)
             return True
