@@ -362,7 +362,7 @@ Section = Callable[[ScaleContext], "list[Row]"]
 def _dcp_section() -> Section | None:
     """benchmarks/scale_dcp.py's `section`, once the lead has written it."""
     try:
-        from benchmarks import scale_dcp  # type: ignore[attr-defined]
+        from benchmarks import scale_dcp
     except ImportError:
         return None
     return getattr(scale_dcp, "section", None)
@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="ckptstore-scale-", dir=base))
     rows: list[Row] = []
     skipped: list[str] = []
+    failed: list[str] = []
     started = time.perf_counter()
     load_before = os.getloadavg()
     with (baseline_checkout(args.baseline) if args.baseline else _nothing()) as root:
@@ -460,11 +461,17 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(name)
                     ctx.progress(f"{name}: not built yet (benchmarks/scale_dcp.py)")
                     continue
-                rows += section(ctx)
+                try:
+                    rows += section(ctx)
+                except Exception as exc:  # report it, and measure the other sections
+                    failed.append(f"{name}: {exc!r}"[:2000])
+                    ctx.progress(f"{name} failed: {exc!r}"[:2000])
+                _write_json(args, rows, {"sections": names, "complete": False, "failed": failed})
         finally:
             ctx.close()
             shutil.rmtree(work, ignore_errors=True)
-    meta = {"sections": names, "skipped": skipped, "steps": args.steps, "k": args.k, "chunks": args.chunks,
+    meta = {"sections": names, "complete": True, "skipped": skipped, "failed": failed,
+            "steps": args.steps, "k": args.k, "chunks": args.chunks,
             "memory_chunks": args.memory_chunks,
             "s3_chunks": args.s3_chunks, "baseline": args.baseline, "dir": str(base),
             "wall_s": time.perf_counter() - started, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -474,9 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average before/after: {load_before} / {meta['loadavg_after']}; wall {meta['wall_s']:.0f} s")
     if skipped:
         print(f"not built yet: {', '.join(skipped)}")
+    if failed:
+        print("failed: " + "; ".join(failed))
+    _write_json(args, rows, meta)
+    return 1 if failed else 0
+
+
+def _write_json(args: argparse.Namespace, rows: list[Row], meta: dict[str, Any]) -> None:
+    """--json FILE: written after each section (meta.complete False) and at the end."""
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    return 0
 
 
 @contextmanager
