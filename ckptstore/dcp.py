@@ -176,15 +176,43 @@ def async_save(state_dict: dict[str, Any], store: Store | None = None, step: int
 
 def load(state_dict: dict[str, Any], store: Store, step: int | str | None = None, *, trust_pickle: bool = False,
          **kwargs: Any) -> None:
-    """`torch.distributed.checkpoint.load` with a StoreReader; ckptstore errors unwrapped."""
+    """`torch.distributed.checkpoint.load` with a StoreReader; ckptstore errors unwrapped.
+    `step=None` is the latest step, resolved once (rank 0 of the process group) and broadcast,
+    so all ranks load the same step."""
     import torch.distributed.checkpoint as dcp
 
+    if step is None:
+        step = _latest_once(store, kwargs)
     reader = StoreReader(store, step, trust_pickle=trust_pickle)
     reader.read_metadata()  # DCP turns errors here into an AssertionError's text: raise them as they are
     try:
         dcp.load(state_dict, storage_reader=reader, **kwargs)
     except BaseException as exc:
         raise _unwrapped(exc)  # noqa: B904 - the cause is set: DCP's exception
+
+
+def _latest_once(store: Store, kwargs: dict[str, Any]) -> int | None:
+    """The latest step, resolved by the group's rank 0 alone and broadcast over the group DCP
+    loads with (`process_group`), so every rank loads the same step even when another job
+    commits a newer one meanwhile. Without a group (or with `no_dist`): resolved here, None
+    when the store has no step (StoreReader then raises StepNotFoundError)."""
+    import torch.distributed as dist
+
+    group = kwargs.get("process_group")
+    if kwargs.get("no_dist") or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size(group) <= 1:
+        return store.latest()
+    box: list[Any] = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            box = [("ok", store.latest())]
+        except CkptStoreError as exc:
+            box = [("error", exc)]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    outcome, value = box[0]
+    if outcome == "error":
+        raise value
+    return value
 
 
 # -- checkpoint_id ---------------------------------------------------------------------------

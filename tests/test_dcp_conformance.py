@@ -41,6 +41,7 @@ from ckptstore.backends.memory import drop_memory_space
 from ckptstore.dcp import StoreReader, StoreWriter, unwrap
 from ckptstore.errors import StepExistsError
 from ckptstore.serverclock import CLOCK_RESOLUTION
+from ckptstore.testing.wrappers import CountingBackend
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
               pytest.mark.filterwarnings("ignore:torch.distributed is unavailable:UserWarning")]
@@ -492,6 +493,20 @@ def _scenario_process(store: ckptstore.Store, mesh: Any, rank: int) -> dict[str,
     return out
 
 
+def _scenario_latest(store: ckptstore.Store, mesh: Any, rank: int) -> dict[str, Any]:
+    """ckptstore.dcp.load(step=None): rank 0 alone lists the steps; every rank loads its answer."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    ckptstore.dcp.save({"w": distribute_tensor(_matrix(6), mesh, [Shard(0)])}, store, 60)  # the newest step
+    reading = ckptstore.open(store.url, create=False)
+    counting = CountingBackend(reading.backend)
+    reading.backend = counting
+    target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)])}
+    ckptstore.dcp.load(target, reading)
+    return {"listings": sum(1 for op, key in counting.log if op == "list" and key.startswith("refs/steps")),
+            "w": target["w"].full_tensor().tolist()}
+
+
 SCENARIOS: dict[str, Callable[[ckptstore.Store, Any, int], dict[str, Any]]] = {
     "nested": _scenario_nested,
     "dtensor": _scenario_dtensor,
@@ -500,6 +515,7 @@ SCENARIOS: dict[str, Callable[[ckptstore.Store, Any, int], dict[str, Any]]] = {
     "async_thread": _scenario_async_thread,
     "aborts": _scenario_aborts,
     "process": _scenario_process,
+    "latest": _scenario_latest,
 }
 
 
@@ -642,3 +658,10 @@ def test_two_ranks_async_save_process_mode(two_ranks: Any) -> None:
     for report in reports:
         _check_process(report)
         assert report["aborted"] == "write"
+
+
+@pytest.mark.slow
+def test_two_ranks_resolve_latest_once_and_load_the_same_step(two_ranks: Any) -> None:
+    reports = _scenario(two_ranks, "latest")
+    assert [r["listings"] for r in reports] == [1, 0]  # per rank: before, each rank listed the steps itself
+    assert all(r["w"] == _matrix(6).tolist() for r in reports)
