@@ -19,9 +19,11 @@ an empty mapping, and the save `head`s every chunk as before.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from ckptstore.manifest import ChunkEntry, Manifest, Ref
+from ckptstore.manifestread import read_chunk_tables
+from ckptstore.manifestv2 import RootManifest
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,12 @@ class StepSource(Protocol):
 
     def ref(self, step: int | str) -> Ref: ...
 
-    def manifest(self, digest: str) -> Manifest: ...
+    backend: Any
+    threads: int
+
+    def _hash(self, data: Any) -> str: ...
+
+    def manifest_object(self, digest: str) -> Manifest | RootManifest: ...
 
 
 def previous_chunks(store: StepSource) -> dict[str, ChunkEntry]:
@@ -47,8 +54,11 @@ def previous_chunks(store: StepSource) -> dict[str, ChunkEntry]:
         step = store.latest()
         if step is None:
             return {}
-        manifest = store.manifest(store.ref(step).manifest)
-        return {chunk.digest: chunk for chunk in manifest.chunks}
+        stored = store.manifest_object(store.ref(step).manifest)
+        if isinstance(stored, RootManifest):  # a DCP step: its chunk tables, not its 1024 parts
+            tables = read_chunk_tables(store.backend, store._hash, stored, store.threads)
+            return {chunk.digest: chunk for table in tables for chunk in table.entries()}
+        return {chunk.digest: chunk for chunk in stored.chunks}
     except Exception as exc:
         log.info("reading the previous step's chunks of %s failed (%s: %s); every chunk is checked with a head",
                  getattr(store, "url", "the store"), type(exc).__name__, exc)

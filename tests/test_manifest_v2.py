@@ -365,3 +365,13 @@ def test_a_resharded_load_fetches_only_the_rows_it_needs_of_uncompressed_chunks(
     else:
         [chunk] = read - {keys.chunk_key(_root(store, 1).parts[0].digest)}
         assert data == store.backend.head(chunk).size  # compressed: the whole zstd frame, hash-checked
+
+
+def test_a_plain_save_after_a_dcp_step_reads_its_chunk_tables_not_its_parts(saved: Any) -> None:
+    store, full, _ = saved
+    root = _root(store, 5)
+    counting = CountingBackend(store.backend)
+    store.backend = counting
+    store.save(6, {"w": full["model.w"]})
+    gets = {k for op, k in counting.log if op == "get" and k.startswith("chunks/")}
+    assert gets == {keys.chunk_key(t.digest) for t in root.chunk_tables}  # and no part
