@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 DELETE_BATCH = 1000
 #: Fan-out folders (`chunks/xx/`) gc lists at a time.
 LIST_THREADS = 16
+#: Refs gc reads at a time while marking (manifests: half as many).
+MARK_THREADS = 16
 
 #: What `_read_manifest_chunks` returns for a manifest, as a number: bump it whenever that
 #: changes (a new manifest version, more digests to keep), so chunk sets the mark cache holds
@@ -57,6 +59,7 @@ LIST_THREADS = 16
 MARK_FORMAT = 1
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -189,29 +192,52 @@ def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport, cache
     the server's time as the mark starts (None in a dry run, which has none)."""
     manifests: set[str] = set()
     chunks = DigestSet()
-    for info in backend.list(keys.REFS):
-        try:
-            digest = cache.ref_target(info.key, info.version) if cache is not None else None
-            if digest is None:
-                digest = _read_ref_target(backend, info.key, cache, now)
-                if digest is None:
-                    continue  # deleted since the listing: confirmed gone
-                report.refs_read += 1
-            report.refs += 1
-            if digest in manifests:
-                continue
-            cached = cache.chunks(digest) if cache is not None else None
-            if cached is not None:
-                chunks.add_raw(*cached)
-            else:
-                found = _read_manifest_chunks(backend, hash_, digest)
-                report.manifests_read += 1
-                chunks.add(found)
-                if cache is not None:
-                    cache.remember_chunks(digest, found)
-            manifests.add(digest)
-        except CkptStoreError as exc:  # transient, permission, unsupported format, corrupt, missing
-            report.broken_refs.append(f"{info.key}: {type(exc).__name__}: {exc}")
+    # Refs, then the manifests they name, are read MARK_THREADS at a time (a first gc over
+    # 10^4 steps on S3 read them one after the other for 382 s); results are merged here, in
+    # listing order, so the outcome is the sequential one.
+
+    def target(info: ObjectInfo) -> tuple[str | None, bool]:
+        digest = cache.ref_target(info.key, info.version) if cache is not None else None
+        if digest is not None:
+            return digest, False
+        return _read_ref_target(backend, info.key, cache, now), True
+
+    infos = list(backend.list(keys.REFS))
+    named: dict[str, list[str]] = {}  # manifest digest -> the ref keys that name it
+    for info, (outcome, error) in zip(infos, _concurrently(target, infos, MARK_THREADS), strict=True):
+        if error is not None:  # transient, permission, unsupported format, corrupt
+            report.broken_refs.append(f"{info.key}: {type(error).__name__}: {error}")
+            continue
+        assert outcome is not None
+        digest, read = outcome
+        if digest is None:
+            continue  # deleted since the listing: confirmed gone
+        report.refs += 1
+        report.refs_read += int(read)
+        named.setdefault(digest, []).append(info.key)
+
+    def chunk_set(digest: str) -> tuple[Any, bool]:
+        cached = cache.chunks(digest) if cache is not None else None
+        if cached is not None:
+            return cached, False
+        return _read_manifest_chunks(backend, hash_, digest), True
+
+    digests = list(named)
+    for manifest, (found_set, failure) in zip(digests, _concurrently(chunk_set, digests, MARK_THREADS // 2),
+                                              strict=True):
+        if failure is not None:  # missing, corrupt, unreadable: every ref naming it is broken
+            report.broken_refs.extend(f"{key}: {type(failure).__name__}: {failure}" for key in named[manifest])
+            continue
+        assert found_set is not None
+        found, read = found_set
+        if read:
+            report.manifests_read += 1
+            chunks.add(found)
+            if cache is not None:
+                cache.remember_chunks(manifest, found)
+        else:
+            chunks.add_raw(*found)
+        manifests.add(manifest)
     if cache is not None:
         cache.save_refs()
     if report.broken_refs:
@@ -221,6 +247,34 @@ def _mark(backend: Backend, hash_: Callable[[Any], str], report: GCReport, cache
     chunks.freeze()
     report.reachable_manifests, report.reachable_chunks = len(manifests), len(chunks)
     return manifests, chunks
+
+
+def _concurrently(fn: Callable[[T], R], items: list[T],
+                  threads: int) -> Iterator[tuple[R | None, CkptStoreError | None]]:
+    """(fn(item), None) or (None, the CkptStoreError it raised) for each item, in order, at most
+    2 x `threads` in flight (a manifest's chunk set can be large). Other exceptions propagate."""
+
+    def call(item: T) -> tuple[R | None, CkptStoreError | None]:
+        try:
+            return fn(item), None
+        except CkptStoreError as exc:
+            return None, exc
+
+    if threads <= 1 or len(items) <= 1:
+        yield from map(call, items)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptstore-gc-mark") as pool:
+        pending: list[Any] = []
+        try:
+            for item in items:
+                pending.append(pool.submit(call, item))
+                if len(pending) >= 2 * threads:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _read_ref_target(backend: Backend, key: str, cache: MarkCache | None, now: float | None) -> str | None:

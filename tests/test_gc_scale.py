@@ -313,3 +313,32 @@ def test_digest_set_merges_so_duplicates_waiting_stay_bounded() -> None:
         assert len(reachable._pending) <= reachable._sorted.nbytes // 4 + (1 << 20) + 32 * len(manifest)
         assert len(reachable._pending) < 2 << 20
     assert len(reachable.freeze()) == len(manifest)
+
+
+class _RendezvousBackend(ForwardingBackend):
+    """Every read under `prefix` waits until `parties` such reads are in flight at once (a
+    barrier): a mark that reads one object after the other breaks the barrier."""
+
+    def __init__(self, inner: Backend, prefix: str, parties: int):
+        super().__init__(inner)
+        import threading
+
+        self.prefix = prefix
+        self.barrier = threading.Barrier(parties, timeout=20)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if key.startswith(self.prefix):
+            self.barrier.wait()
+        return super().get_range(key, start, length)
+
+
+@pytest.mark.parametrize("prefix", ["refs/", "manifests/"])
+def test_the_mark_reads_refs_and_manifests_concurrently(space: str, prefix: str) -> None:
+    """8 steps: their 8 refs, then their 8 manifests, are read 4 at a time at least (the
+    sequential mark broke the barrier: BrokenBarrierError after 20 s, checked)."""
+    plain = _store(MemoryBackend(space))
+    for step in range(8):
+        plain.save(step, {"t": torch.full((4,), float(step))})
+    store = _store(_RendezvousBackend(MemoryBackend(space), prefix, 4))
+    report = store.gc(min_age=0, cache=False)
+    assert not report.failed and report.refs == 8 and report.reachable_manifests == 8
