@@ -161,8 +161,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
                      "integrations.transformers"),
     # Test kits shipped with the package.
     "testing": ("testing", "testing.conformance", "testing.crash", "testing.faults", "testing.fuzz",
-                "testing.interleave", "testing.load", "testing.dcpsim", "testing.scenarios", "testing.servers", "testing.soak",
-                "testing.wrappers"),
+                "testing.interleave", "testing.load", "testing.dcpsim", "testing.scenarios", "testing.servers",
+                "testing.soak", "testing.wrappers"),
 }
 
 

@@ -45,8 +45,10 @@ def llama_70b() -> Model:
     for i in range(80):
         p = f"layers.{i}."
         params.update({
-            p + "attention.wq.weight": ((dim, dim), torch.bfloat16), p + "attention.wk.weight": ((kv, dim), torch.bfloat16),
-            p + "attention.wv.weight": ((kv, dim), torch.bfloat16), p + "attention.wo.weight": ((dim, dim), torch.bfloat16),
+            p + "attention.wq.weight": ((dim, dim), torch.bfloat16),
+            p + "attention.wk.weight": ((kv, dim), torch.bfloat16),
+            p + "attention.wv.weight": ((kv, dim), torch.bfloat16),
+            p + "attention.wo.weight": ((dim, dim), torch.bfloat16),
             p + "feed_forward.w1.weight": ((ffn, dim), torch.bfloat16),
             p + "feed_forward.w2.weight": ((dim, ffn), torch.bfloat16),
             p + "feed_forward.w3.weight": ((ffn, dim), torch.bfloat16),
