@@ -632,7 +632,11 @@ class StoreKernel:
                     Landing(offset, length, target.data[position:position + length], labels[index]))
                 position += length
         reader = ChunkReader(self.backend, self._hash, self.threads, verify=self.verify)
-        reader.read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], context)
+        # select=: a selected tensor packed with others is fetched by byte range from an
+        # uncompressed chunk (not hash-checked: docs/FORMAT.md, "Ranged reads"); whole chunks
+        # and compressed ones are read whole and checked, as in a full load.
+        read = reader.read_ranges if names is not None else reader.read
+        read([(manifest.chunks[i], group) for i, group in sorted(landings.items())], context)
         finished = {index: target.finish() for index, target in targets.items()}
         return map_tensors(selection.tree, lambda _path, ref: finished[ref.index]), missing, unexpected
 

@@ -243,3 +243,23 @@ def test_select_sends_ranged_gets_for_only_the_models_bytes_on_s3(s3_bucket: str
     assert _equal(loaded, {"model": state["model"]}) and _equal(full, state)
     assert sum(received) >= step_bytes  # the control: a full load fetches the whole step
     assert model_bytes <= selected <= model_bytes + OVERHEAD, (selected, model_bytes)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_select_of_a_small_tensor_reads_only_its_bytes_of_a_shared_pack(codec: str) -> None:
+    """Four 1 KiB tensors share one uncompressed 4 KiB pack: select=["b"] fetches the pack's
+    header and b's 1 KiB (a full load reads the pack whole); compressed, the whole pack."""
+    from ckptstore.chunkblob import Compression
+
+    store = ckptstore.open(f"memory://select-pack-{uuid.uuid4().hex}", compression=Compression(codec))
+    state = {name: torch.arange(256, dtype=torch.float32) + i for i, name in enumerate("abcd")}
+    store.save(1, state)
+    [pack] = store.info(1).manifest.chunks
+    counting = CountingBackend(store.backend)
+    store.backend = counting
+    got = store.load(1, select=["b"])
+    assert torch.equal(got["b"], state["b"]) and set(got) == {"b"}
+    if codec == "none":
+        assert counting.read_bytes["chunks"] == 24 + 1024  # header, then b's bytes (with read(): 24 + 4096)
+    else:
+        assert counting.read_bytes["chunks"] == pack.stored_size  # one zstd frame: read whole, checked

@@ -5,6 +5,7 @@ reads the tables, and version 1 stores still load."""
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def _keys(store: Any, prefix: str) -> set[str]:
 
 @pytest.fixture
 def saved() -> tuple[Any, dict[str, torch.Tensor], dcpsim.SimulatedSave]:
-    store = ckptstore.open("memory://v2-" + __name__ + str(id(object())))
+    store = ckptstore.open(f"memory://v2-{uuid.uuid4().hex}")  # a new space every time
     full = _full()
     done = dcpsim.save(store, 5, MODEL, 4, _data(full))
     return store, full, done
@@ -139,7 +140,7 @@ def test_gc_sweeps_nothing_when_a_part_or_chunk_table_cannot_be_read(saved: Any,
 
 
 def test_a_rank_reads_the_root_and_only_the_parts_its_plan_needs() -> None:
-    store = ckptstore.open("memory://v2-partial")
+    store = ckptstore.open(f"memory://v2-partial-{uuid.uuid4().hex}")
     full = _full()
     dcpsim.save(store, 5, MODEL, 8, _data(full))
     root = _root(store, 5)
@@ -261,7 +262,7 @@ def test_a_missing_part_is_an_integrity_error_for_a_reader(saved: Any) -> None:
 def test_results_in_another_order_than_the_metadata_still_map_each_shard_to_its_part() -> None:
     """The coordinator matches shards to parts by offsets when the write results do not come in
     the metadata's order (here: ranks reversed); the load then finds every shard's bytes."""
-    store = ckptstore.open("memory://v2-reversed")
+    store = ckptstore.open(f"memory://v2-reversed-{uuid.uuid4().hex}")
     full = _full()
     done = dcpsim.write_ranks(store, 5, MODEL, 4, _data(full))
     try:
@@ -283,7 +284,7 @@ def test_a_dcp_resave_of_unchanged_data_heads_no_chunk_its_rank_wrote_before() -
     gen = torch.Generator().manual_seed(1)
     full = {k: torch.randn(shape, generator=gen) for k, (shape, _) in model.items()}
     policy = ChunkingPolicy(chunk_size=4096, small_tensor_limit=1024, pack_size=4096)
-    store = ckptstore.open("memory://v2-resave", chunking=policy)
+    store = ckptstore.open(f"memory://v2-resave-{uuid.uuid4().hex}", chunking=policy)
     dcpsim.save(store, 1, model, 2, _data(full))
     chunks = _root(store, 1).chunks
     counting = CountingBackend(store.backend)
@@ -296,28 +297,6 @@ def test_a_dcp_resave_of_unchanged_data_heads_no_chunk_its_rank_wrote_before() -
     assert sorted(heads) == sorted(keys.chunk_key(b.digest) for b in root.blobs)  # 2 parts + 1 table, not 64 chunks
     requests = sum(1 for op, k in counting.log if op in ("get", "head", "put", "list", "delete"))
     assert requests / chunks <= 1.0  # ~20 fixed requests (epoch, leases, refs, root, parts) for 2 ranks
-
-
-class _BytesCounting(CountingBackend):
-    """Counts the bytes each read returns, by key prefix."""
-
-    def __init__(self, inner: Any):
-        super().__init__(inner)
-        self.read_bytes: dict[str, int] = {}
-
-    def _add(self, key: str, n: int) -> None:
-        prefix = key.split("/", 1)[0]
-        self.read_bytes[prefix] = self.read_bytes.get(prefix, 0) + n
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        data = super().get_range(key, start, length)
-        self._add(key, len(data))
-        return data
-
-    def read_into(self, key: str, start: int, buffers: Any) -> int:
-        n = super().read_into(key, start, buffers)
-        self._add(key, n)
-        return n
 
 
 class _SlicePlanner:
@@ -346,10 +325,10 @@ def test_a_resharded_load_fetches_only_the_rows_it_needs_of_uncompressed_chunks(
 
     model: dcpsim.Model = {"w": ((64, 256), torch.float32)}
     full = {"w": torch.arange(64 * 256, dtype=torch.float32).reshape(64, 256)}
-    store = ckptstore.open(f"memory://v2-ranged-{codec}", compression=Compression(codec),
+    store = ckptstore.open(f"memory://v2-ranged-{codec}-{uuid.uuid4().hex}", compression=Compression(codec),
                            chunking=ChunkingPolicy(chunk_size=32768, small_tensor_limit=1024, pack_size=8192))
     dcpsim.save(store, 1, model, 2, _data(full))
-    counting = _BytesCounting(store.backend)
+    counting = CountingBackend(store.backend)
     reader = StoreReader(store, 1)
     metadata = reader.read_metadata()
     reader.store = _Wrapped(store, counting)

@@ -51,13 +51,14 @@ class ForwardingBackend(Backend):
 
 
 class CountingBackend(ForwardingBackend):
-    """Counts requests as (operation, first key segment), e.g. ("put", "chunks"), and logs
-    every (operation, key) in order."""
+    """Counts requests as (operation, first key segment), e.g. ("put", "chunks"), logs every
+    (operation, key) in order, and sums the bytes reads returned by first key segment."""
 
     def __init__(self, inner: Backend):
         super().__init__(inner)
         self.calls: Counter[tuple[str, str]] = Counter()
         self.log: list[tuple[str, str]] = []
+        self.read_bytes: Counter[str] = Counter()  # bytes reads returned, by first key segment
         self._lock = threading.Lock()
 
     def _count(self, operation: str, key: str) -> None:
@@ -65,17 +66,27 @@ class CountingBackend(ForwardingBackend):
             self.calls[(operation, key.split("/", 1)[0])] += 1
             self.log.append((operation, key))
 
+    def _read(self, key: str, n: int) -> None:
+        with self._lock:
+            self.read_bytes[key.split("/", 1)[0]] += n
+
     def get(self, key: str) -> GetResult:
         self._count("get", key)
-        return super().get(key)
+        result = super().get(key)
+        self._read(key, len(result.data))
+        return result
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         self._count("get", key)
-        return super().get_range(key, start, length)
+        data = super().get_range(key, start, length)
+        self._read(key, len(data))
+        return data
 
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         self._count("get", key)
-        return super().read_into(key, start, buffers)
+        n = super().read_into(key, start, buffers)
+        self._read(key, n)
+        return n
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
         self._count("put", key)
