@@ -76,7 +76,7 @@ from ckptstore.store import Store, writer_identity
 from ckptstore.tensors import describe, torch_dtype_name
 from ckptstore.tree import decode_tree, encode_tree
 
-__all__ = ["DCP_FORMAT", "PickleRefusedError", "StoreReader", "StoreWriter", "async_save", "load",
+__all__ = ["DCP_FORMAT", "PickleRefusedError", "StoreReader", "StoreWriter", "async_save", "latest_step", "load",
            "parse_checkpoint_id", "save", "unwrap"]
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,14 @@ def load(state_dict: dict[str, Any], store: Store, step: int | str | None = None
         dcp.load(state_dict, storage_reader=reader, **kwargs)
     except BaseException as exc:
         raise _unwrapped(exc)  # noqa: B904 - the cause is set: DCP's exception
+
+
+def latest_step(store: Store, process_group: Any = None) -> int | None:
+    """The store's latest step, resolved by rank 0 of `process_group` (default: the default
+    group, when one is initialised) and broadcast: a collective, so every rank of the group
+    must call it, and all get the same answer (None when the store has no step; a ckptstore
+    error, e.g. StoreNotFoundError, is raised on every rank)."""
+    return _latest_once(store, {"process_group": process_group})
 
 
 def _latest_once(store: Store, kwargs: dict[str, Any]) -> int | None:

@@ -503,8 +503,11 @@ def _scenario_latest(store: ckptstore.Store, mesh: Any, rank: int) -> dict[str, 
     reading.backend = counting
     target = {"w": distribute_tensor(torch.zeros(ROWS, COLS), mesh, [Shard(0)])}
     ckptstore.dcp.load(target, reading)
-    return {"listings": sum(1 for op, key in counting.log if op == "list" and key.startswith("refs/steps")),
-            "w": target["w"].full_tensor().tolist()}
+    listings = sum(1 for op, key in counting.log if op == "list" and key.startswith("refs/steps"))
+    counting.log.clear()
+    latest = ckptstore.dcp.latest_step(reading)  # what the torchtitan integration resumes from
+    return {"listings": listings, "w": target["w"].full_tensor().tolist(), "latest": latest,
+            "latest_listings": sum(1 for op, key in counting.log if op == "list" and key.startswith("refs/steps"))}
 
 
 SCENARIOS: dict[str, Callable[[ckptstore.Store, Any, int], dict[str, Any]]] = {
@@ -665,3 +668,4 @@ def test_two_ranks_resolve_latest_once_and_load_the_same_step(two_ranks: Any) ->
     reports = _scenario(two_ranks, "latest")
     assert [r["listings"] for r in reports] == [1, 0]  # per rank: before, each rank listed the steps itself
     assert all(r["w"] == _matrix(6).tolist() for r in reports)
+    assert [(r["latest"], r["latest_listings"]) for r in reports] == [(60, 1), (60, 0)]

@@ -131,7 +131,9 @@ class StoreCheckpointManager(CheckpointManager):
         return True
 
     def _latest_step(self) -> int | None:
+        """Resolved by rank 0 and broadcast (every rank loads, collectively, the same step even
+        if another job commits meanwhile)."""
         try:
-            return self.store.latest()
+            return ckptstore.dcp.latest_step(self.store)
         except StoreNotFoundError:  # nothing saved yet: opening a store never creates it
             return None
