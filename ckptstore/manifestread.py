@@ -24,9 +24,10 @@ from ckptstore.backends.base import Backend
 from ckptstore.chunkblob import HEADER_SIZE, decode_chunk
 from ckptstore.dcpformat import expand_tree
 from ckptstore.errors import FormatError, IntegrityError, ObjectNotFoundError, UnsupportedFormatError
-from ckptstore.manifest import MAX_MANIFEST_BYTES, ChunkEntry, Manifest, TensorEntry, decode_manifest
+from ckptstore.manifest import MANIFEST_VERSION, MAX_MANIFEST_BYTES, ChunkEntry, Manifest, TensorEntry, decode_manifest
 from ckptstore.manifestv2 import (
     MAX_ROOT_BYTES,
+    ROOT_VERSION,
     BlobRef,
     ChunkTable,
     RootManifest,
@@ -57,7 +58,13 @@ def read_manifest_bytes(backend: Backend, hash_fn: Callable[[Any], str], digest:
 
 def decode_manifest_object(data: bytes) -> ManifestObject:
     """A v1 Manifest or a v2 RootManifest; UnsupportedFormatError for another version."""
-    return decode_root(data) if manifest_version(data) == 2 else decode_manifest(data)
+    version = manifest_version(data)
+    if version == ROOT_VERSION:
+        return decode_root(data)
+    if version != MANIFEST_VERSION:
+        raise UnsupportedFormatError(f"manifest has format version {version}; this ckptstore reads versions "
+                                     f"{MANIFEST_VERSION} and {ROOT_VERSION}. Upgrade ckptstore to read this store.")
+    return decode_manifest(data)
 
 
 def read_manifest_object(backend: Backend, hash_fn: Callable[[Any], str], digest: str, *,

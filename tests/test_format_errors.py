@@ -477,9 +477,12 @@ def test_load_ref_and_manifest_of_version_2(memory_url: str):
     _plant_manifest(store, manifest_obj() | {"step": 1}, step=1, ref_version=2)
     with pytest.raises(UnsupportedFormatError, match="ref"):
         store.load(1)
-    _plant_manifest(store, manifest_obj() | {"step": 2, "v": 2}, step=2)
-    with pytest.raises(UnsupportedFormatError, match="manifest"):
+    _plant_manifest(store, manifest_obj() | {"step": 2, "v": 3}, step=2)  # 2 is the DCP root (manifestv2)
+    with pytest.raises(UnsupportedFormatError, match="manifest has format version 3"):
         store.load(2)
+    _plant_manifest(store, manifest_obj() | {"step": 3, "v": 2}, step=3)  # a v1 body claiming to be a root
+    with pytest.raises(FormatError):
+        store.load(3)
 
 
 def test_load_chunk_of_version_2(memory_url: str):

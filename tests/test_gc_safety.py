@@ -103,9 +103,9 @@ def _with_garbage(inner: Backend, ttl: float = 600.0) -> Store:
 
 # -- 1. fail closed: a manifest or ref gc cannot read keeps everything ----------------------
 def _unsupported_manifest_step(store: Store) -> None:
-    """Step 5 names a manifest of a future format version (v=2), stored under its own hash,
+    """Step 5 names a manifest of a future format version (v=3), stored under its own hash,
     as a newer ckptstore would write it."""
-    data = msgpack.packb({"v": 2, "step": 5, "chunks": []}, use_bin_type=True)
+    data = msgpack.packb({"v": 3, "step": 5, "chunks": []}, use_bin_type=True)
     digest = hasher(store.marker.hash_algorithm)(data)
     store.backend.put(keys.manifest_key(digest), data, mode=CREATE)
     commit_ref(store.backend, keys.step_ref_key(5), Ref(manifest=digest, step=5, committed=0.0, writer="newer"),
