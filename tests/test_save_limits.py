@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import keys, manifest
+from ckptstore import keys, manifest, manifestv2
 from ckptstore.backends.memory import drop_memory_space
 from ckptstore.errors import ObjectTooLargeError
 
@@ -89,13 +89,13 @@ def test_dcp_manifest_over_the_limit_commits_nothing(store: ckptstore.Store,
     from ckptstore import dcp
 
     dcp.save({"model": _state(1)}, store, 1)
-    size = _manifest_size(store, 1)
-    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", size - 1)
-    with pytest.raises(ObjectTooLargeError, match=f"the manifest of step 2 holds {size} bytes"):
+    size = _manifest_size(store, 1)  # a DCP step is a version 2 root (plus its parts)
+    monkeypatch.setattr(manifestv2, "MAX_ROOT_BYTES", size - 1)
+    with pytest.raises(ObjectTooLargeError, match=f"the manifest root of step 2 holds {size} bytes"):
         dcp.save({"model": _state(2)}, store, 2)
     assert not store.backend.exists(keys.step_ref_key(2))
     assert store.latest() == 1
-    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", size)
+    monkeypatch.setattr(manifestv2, "MAX_ROOT_BYTES", size)
     loaded = {"model": {k: torch.zeros(4) for k in _state(0)}}
     dcp.load(loaded, store, 1)
     assert torch.equal(loaded["model"]["w2"], _state(1)["w2"])
