@@ -21,9 +21,8 @@ chunk is one zstd frame, so it is read and checked whole.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,30 +49,10 @@ from ckptstore.errors import (
 )
 from ckptstore.keys import chunk_key
 from ckptstore.manifest import ChunkEntry
+from ckptstore.threads import bounded_map
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """`fn` over `items` on `threads` threads, at most 2x`threads` in flight; results in order."""
-    items = list(items)
-    if threads <= 1 or len(items) <= 1:
-        yield from map(fn, items)
-        return
-    window = 2 * threads
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-io") as pool:
-        pending: list[cf.Future[R]] = []
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 #: How many create-only puts one chunk gets when each reports AlreadyExists and the `head`

@@ -80,7 +80,7 @@ from ckptstore.errors import (
     StateConflictError,
 )
 from ckptstore.gclock import settle_with_gc
-from ckptstore.kernel import SaveInfo, StoreKernel, writer_identity
+from ckptstore.kernel import SaveInfo, StoreKernel, encode_state, writer_identity
 from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, StepSummary, TensorEntry, encode_manifest, summarize
 from ckptstore.tree import TensorRef, decode_tree, encode_tree, format_path
@@ -335,15 +335,8 @@ def merge_states(skeletons: list[Any], described: list[list[_Described]]) -> Mer
 def introduce(state: Any, step: int, sources: list[Any]) -> dict[str, Any]:
     """What a rank sends rank 0 in phase 1: its step, its state's skeleton (tensors replaced by
     their numbers, appended to `sources`) and the tensors' descriptions."""
-    from ckptstore.tensors import describe, is_tensor
-
-    def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
-        if not is_tensor(value):
-            return None
-        sources.append(describe(value, format_path(path)))
-        return len(sources) - 1
-
-    tree = encode_tree(state, on_tensor)
+    tree, described = encode_state(state)
+    sources.extend(described)
     return {"step": step, "tree": tree, "tensors": [_Described(s.kind, s.dtype, s.shape) for s in sources]}
 
 

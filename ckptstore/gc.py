@@ -41,6 +41,7 @@ from ckptstore.gclock import GCLock
 from ckptstore.leases import fresh_leases
 from ckptstore.manifest import MAX_REF_BYTES, decode_ref
 from ckptstore.manifestread import reachable_digests, read_manifest_object
+from ckptstore.threads import bounded_map
 
 log = logging.getLogger(__name__)
 
@@ -260,21 +261,7 @@ def _concurrently(fn: Callable[[T], R], items: list[T],
         except CkptStoreError as exc:
             return None, exc
 
-    if threads <= 1 or len(items) <= 1:
-        yield from map(call, items)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckptstore-gc-mark") as pool:
-        pending: list[Any] = []
-        try:
-            for item in items:
-                pending.append(pool.submit(call, item))
-                if len(pending) >= 2 * threads:
-                    yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for future in pending:
-                future.cancel()
+    return bounded_map(call, items, threads)
 
 
 def _read_ref_target(backend: Backend, key: str, cache: MarkCache | None, now: float | None) -> str | None:

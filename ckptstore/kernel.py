@@ -134,6 +134,22 @@ def writer_identity() -> str:
 _K = TypeVar("_K", bound="StoreKernel")
 
 
+def encode_state(state: Any) -> tuple[bytes, list[Any]]:
+    """`state`'s tree (tensors replaced by their numbers) and its tensors' descriptions
+    (ckptstore.tensors.SourceTensor), numbered in tree order."""
+    from ckptstore.tensors import describe, is_tensor
+
+    sources: list[Any] = []
+
+    def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
+        if not is_tensor(value):
+            return None
+        sources.append(describe(value, format_path(path)))
+        return len(sources) - 1
+
+    return encode_tree(state, on_tensor), sources
+
+
 class StoreKernel:
     """A checkpoint store on one backend, used from this process alone: the single-process
     core of `ckptstore.store.Store` (users open a Store with `ckptstore.open(url)`)."""
@@ -266,17 +282,7 @@ class StoreKernel:
 
     def _save_leased(self, step: int, state: Any, overwrite: bool, metadata: Any, epoch_at_start: Epoch,
                      started: float) -> SaveInfo:
-        from ckptstore.tensors import describe, is_tensor
-
-        sources = []
-
-        def on_tensor(path: tuple[Any, ...], value: Any) -> int | None:
-            if not is_tensor(value):
-                return None
-            sources.append(describe(value, format_path(path)))
-            return len(sources) - 1
-
-        tree = encode_tree(state, on_tensor)
+        tree, sources = encode_state(state)
         plan = plan_chunks([s.data.nbytes for s in sources], self.chunking)
         # Under the lease, after the epoch read: the settle below covers the skipped chunks too.
         writer = ChunkWriter(self.backend, self._hash, self.compression, self.threads,

@@ -16,7 +16,6 @@ it did not check), whatever the store's `verify`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ckptstore import keys
@@ -36,6 +35,7 @@ from ckptstore.manifestv2 import (
     decode_root,
     manifest_version,
 )
+from ckptstore.threads import bounded_map
 
 ManifestObject = Manifest | RootManifest
 #: The most bytes a manifest object of either version may have (a read asks for one more).
@@ -116,11 +116,7 @@ def read_blobs(backend: Backend, hash_fn: Callable[[Any], str], blobs: list[Blob
             raise IntegrityError(f"{context}: {key} is corrupt: its bytes do not hash to its key")
         return raw
 
-    if threads <= 1 or len(blobs) <= 1:
-        yield from map(fetch, blobs)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-parts") as pool:
-        yield from pool.map(fetch, blobs)
+    return bounded_map(fetch, list(blobs), threads)
 
 
 def read_chunk_tables(backend: Backend, hash_fn: Callable[[Any], str], root: RootManifest,

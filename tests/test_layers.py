@@ -145,7 +145,7 @@ def test_the_cycle_check_sees_lazy_and_type_checking_imports(tmp_path: Path) -> 
 LAYERS: dict[str, tuple[str, ...]] = {
     # The pure format: bytes <-> values, no I/O.
     "format": ("errors", "keys", "dtypes", "hashing", "chunkblob", "chunking", "manifest", "tree", "tensors",
-               "treevalues", "selection", "sysmem", "progress", "manifestv2", "dcpformat"),
+               "treevalues", "selection", "sysmem", "progress", "threads", "manifestv2", "dcpformat"),
     # Byte-level storage with conditional puts.
     "storage": ("backends", "backends.base", "backends.parts", "backends.local", "backends.memory", "backends.s3",
                 "backends.gcs", "deadline", "retry", "url"),
