@@ -1,13 +1,15 @@
-"""The soak test (issue 12): savers, overwriters, taggers, rm and retention, and gc with a short
-lease TTL, all at once, with transient faults on every kind of request, clock skew and SIGKILLs
-(ckptstore.testing.soak). The slow tests run it for 60 s per backend; the fast ones check that
-its parts can fail: a soak whose checker cannot see a loss proves nothing."""
+"""The soak test (issue 12): savers, DCP savers (manifest version 2 steps, issue 13), overwriters,
+taggers, rm and retention, and gc with a short lease TTL, all at once, with transient faults on
+every kind of request, clock skew and SIGKILLs (ckptstore.testing.soak). The slow tests run it
+for 60 s per backend; the fast ones check that its parts can fail: a soak whose checker cannot
+see a loss proves nothing."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +18,21 @@ import pytest
 import ckptstore
 from ckptstore import keys
 from ckptstore.backends.memory import MemoryBackend, drop_memory_space
-from ckptstore.errors import TransientError
+from ckptstore.errors import StepExistsError, TransientError
+from ckptstore.manifestv2 import RootManifest
 from ckptstore.testing.soak import (
     CHUNKING,
+    DCP_RANKS,
     RandomFaultBackend,
     SoakConfig,
+    Worker,
+    _Outcome,
     check_store,
     format_summary,
+    load_dcp_state,
     make_state,
     run,
+    save_dcp,
     states_equal,
 )
 
@@ -113,9 +121,81 @@ def test_check_finds_a_missing_chunk_a_vanished_commit_and_what_workers_found(tm
     assert "gc during the run" in lost["refs/tags/t9"]["why"]
     assert summary["steps_lost"] == 4 and summary["counts"]["broken_refs_found_during_run"] == 1
     assert summary["check"] == {"refs_checked": 3, "step_refs_checked": 2, "tag_refs_checked": 1,
+                                "dcp_step_refs_checked": 0, "dcp_tag_refs_checked": 0,
                                 "journaled_commits": 4, "journaled_still_current": 1,
                                 "journaled_vanished": 2, "journaled_removed_or_replaced": 1}
     assert "steps lost: 4" in format_summary({**summary, "seconds": 0.0})
+
+
+def _dcp_save_record(seq: int, step: int, seed: int, saved: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"ev": "begin", "seq": seq, "op": "dcp_save", "t": float(seq), "step": step, "seed": seed},
+            {"ev": "end", "seq": seq, "op": "dcp_save", "outcome": "ok", "t": seq + 0.5, **saved}]
+
+
+def test_check_finds_a_missing_part_chunk_table_or_wrong_seed_in_a_dcp_step(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DCP step (saved through the DCP saver's code path: a v2 root, one part per rank, a chunk
+    table) that lost its part of rank 1, a data chunk or its chunk table is lost, to the final
+    check and to a tagger's load; so is one holding another seed than the journal says. An
+    intact one is loaded whole through the StoreReader and is not lost."""
+    url = str(tmp_path / "store")
+    store = ckptstore.open(url, chunking=CHUNKING)
+    store.save(0, make_state(11), metadata={"seed": 11, "step": 0})
+    saved = {step: save_dcp(store, step, seed) for step, seed in ((1, 11), (2, 22), (3, 33), (4, 44), (5, 55))}
+    with pytest.raises(StepExistsError):  # create-only, as the savers' saves
+        save_dcp(store, 1, 12)
+    roots = {step: store.manifest_object(store.ref(step).manifest) for step in saved}
+    assert all(isinstance(r, RootManifest) and len(r.parts) == DCP_RANKS for r in roots.values())
+    # The DCP state is made of the plain state's pool chunks: step 1 (seed 11) deduplicates
+    # against step 0, a plain save of the same seed.
+    assert saved[1]["new_chunks"] < saved[1]["chunks"] - 8, saved[1]
+    state, digest = load_dcp_state(store, 1)
+    assert digest == saved[1]["manifest"] and state["meta"].tolist() == [11, 1]
+
+    blobs = {b.digest for r in roots.values() if isinstance(r, RootManifest) for b in r.blobs}
+    chunks = {step: {c.digest for c in store.info(step).manifest.chunks} - blobs for step in (0, *saved)}
+    root2, root4 = roots[2], roots[4]
+    assert isinstance(root2, RootManifest) and isinstance(root4, RootManifest)
+    store.backend.delete(keys.chunk_key(root2.parts[1].digest))  # step 2: rank 1's part
+    only3 = sorted(chunks[3] - set().union(*(chunks[s] for s in (0, 1, 2, 4, 5))))
+    store.backend.delete(keys.chunk_key(only3[0]))  # step 3: a data chunk no other step has
+    store.backend.delete(keys.chunk_key(root4.chunk_tables[0].digest))  # step 4: its chunk table
+
+    work = tmp_path / "work"
+    _journal(work / "journal" / "dcp_saver0-000.jsonl", {"ev": "start", "t": 0.0, "skew": 0.0},
+             *_dcp_save_record(1, 1, 11, saved[1]), *_dcp_save_record(3, 2, 22, saved[2]),
+             *_dcp_save_record(5, 3, 33, saved[3]), *_dcp_save_record(7, 4, 44, saved[4]),
+             *_dcp_save_record(9, 5, 56, saved[5]))  # step 5 holds seed 55: not what was journaled
+    _journal(work / "orchestrator.jsonl")
+    summary = check_store(SoakConfig(url=url, workdir=str(work)), work)
+    lost = {p["key"]: p for p in summary["lost"]}
+    assert set(lost) == {keys.step_ref_key(s) for s in (2, 3, 4, 5)}, lost
+    assert "manifest parts" in lost[keys.step_ref_key(2)]["why"] and "missing" in lost[keys.step_ref_key(2)]["why"]
+    assert lost[keys.step_ref_key(3)]["missing_chunks"] == 1
+    assert "chunk tables" in lost[keys.step_ref_key(4)]["why"]
+    assert "seed 55" in lost[keys.step_ref_key(5)]["why"] and "56" in lost[keys.step_ref_key(5)]["why"]
+    assert summary["counts"]["dcp_saves"] == 5
+    assert summary["check"]["dcp_step_refs_checked"] == 5 and summary["check"]["step_refs_checked"] == 6
+    assert summary["check"]["journaled_still_current"] == 5
+
+    # A tagger's load (the worker's code path) and an audit (gc's broken refs, new tags) see it too.
+    for name in ("time", "time_ns"):  # the worker skews the clock (by 0 s here): put it back after
+        monkeypatch.setattr(time, name, getattr(time, name))
+    worker = Worker(SoakConfig(url=url, skew=0.0, fault_rate=0.0, storm_chance=0.0),
+                    {"slot": "tagger0", "role": "tagger", "incarnation": 0, "deadline": 0.0, "seed": 1,
+                     "journal": str(tmp_path / "tagger.jsonl")})
+    try:
+        assert worker.load_and_check(1) == {"commit_id": saved[1]["commit_id"], "checked": True, "dcp": True}
+        assert worker.audit(1) == []
+        for step in (2, 3, 4):
+            with pytest.raises(_Outcome) as raised:
+                worker.load_and_check(step)
+            assert raised.value.outcome == "broken" and raised.value.fields["broken"], (step, raised.value.fields)
+            assert [f["key"] for f in worker.audit(step)] == [keys.step_ref_key(step)]
+        assert worker.load_and_check(5)["checked"]  # it holds its own seed's state (the journal is wrong)
+    finally:
+        worker.store.close()
+        worker.journal.close()
 
 
 # -- the soak ----------------------------------------------------------------------------------
@@ -144,8 +224,8 @@ def test_soak_loses_nothing(backend: str, request: pytest.FixtureRequest, tmp_pa
     assert summary["counts"]["unexpected_errors"] == 0, report
     counts, faults = summary["counts"], summary["faults_by_request"]
     # A soak that did nothing must fail: every kind of operation, fault and kill happened.
-    for name in ("saves", "overwrites_replacing", "retention_saves", "retention_deleted", "rms", "tags", "untags",
-                 "loads_checked", "chunks_deduplicated", "gc_swept", "gc_stood_down", "gc_deleted_objects",
+    for name in ("saves", "dcp_saves", "overwrites_replacing", "retention_saves", "retention_deleted", "rms", "tags",
+                 "untags", "loads_checked", "chunks_deduplicated", "gc_swept", "gc_stood_down", "gc_deleted_objects",
                  "faults", "kills"):
         assert counts[name] > 0, (name, report)
     for request_kind in ("put before", "put after", "delete before", "delete after", "head before"):
@@ -153,4 +233,7 @@ def test_soak_loses_nothing(backend: str, request: pytest.FixtureRequest, tmp_pa
     assert faults.get("list before", 0) + faults.get("list part-way", 0) > 0, report
     assert faults.get("get before", 0) + faults.get("get_range before", 0) + faults.get("read_into before", 0) > 0
     assert summary["check"]["refs_checked"] > 0 and summary["check"]["journaled_commits"] > 0, report
+    # DCP steps (manifest version 2) were read whole and compared: at the end, or by loads during the run.
+    check = summary["check"]
+    assert check["dcp_step_refs_checked"] + check["dcp_tag_refs_checked"] + counts["dcp_loads_checked"] > 0, report
     assert max(abs(s) for s in summary["clock_skew_s"]) > 60, report

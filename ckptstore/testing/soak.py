@@ -14,6 +14,17 @@ each with its own role:
   tensors, a small-tensor pack drawn from another pool, and one tensor of its own. Chunks of
   deleted steps therefore recur in new saves: saves deduplicate against garbage that a gc
   may be sweeping at that moment. The seed goes into the save's `metadata`.
+- DCP savers (`--dcp-savers`, 1): create-only saves on steps of the same range through the
+  real `ckptstore.dcp.StoreWriter`, 2 simulated ranks in one process
+  (`ckptstore.testing.dcpsim.save`: each rank's write_data in turn, then rank 0's finish), so
+  the step is a manifest version 2 root with one part per rank and a chunk table
+  (docs/FORMAT.md, "Manifest version 2"). The state is a seed's state (`make_dcp_state`: the
+  same pools, so its chunks are the plain saves' chunks too) as torch tensors sharded on dim 0,
+  plus a `meta` tensor holding the seed and the step (a DCP step has no user metadata). The
+  other roles meet these steps: overwriters replace them with plain saves, janitors delete
+  them, taggers tag and load them, gc marks them through their chunk tables. After each
+  commit the DCP saver loads its step back as the taggers load (after a pause and the next
+  quiet window, if one comes, so a gc may have swept in between).
 - overwriters (`--overwriters`, 1): `save(step, state, overwrite=True)` of existing steps.
 - taggers (`--taggers`, 1): `tag(name, step, overwrite=...)`, `untag(name)` from a small pool
   of names, and loads of steps and tags checked against the state their seed regenerates.
@@ -44,10 +55,14 @@ The orchestrator logs starts, kills and crashes to `WORKDIR/orchestrator.jsonl`.
 The check, after every worker has stopped (at the deadline, or SIGKILLed after `--grace` s):
 
 1. Every step ref and tag ref present is loaded (hash-checked) and compared with the state
-   regenerated from the seed in its manifest's metadata. So a commit that landed just before
+   regenerated from the seed in its manifest's metadata; a DCP step (a v2 root) is read
+   whole: its parts and chunk tables (checked against each other), then every item through
+   `StoreReader` into a full-size tensor, and compared with the state of the seed in its
+   `meta` tensor. So a commit that landed just before
    its worker was killed, and never got journaled, is checked too. A ref whose manifest or a
-   chunk is missing or corrupt, whose content differs, or that has no seed, is lost.
-2. Every commit the journal says succeeded (save, overwrite, retention save, tag) must still be
+   chunk (for a DCP step also a part or chunk table) is missing or corrupt, whose content
+   differs, or that has no seed, is lost.
+2. Every commit the journal says succeeded (save, DCP save, overwrite, retention save, tag) must still be
    the current ref of its key, unless an operation that may remove or replace it (an rm or
    overwrite of that step, a retention pass that deleted it or whose deletions are unknown, an
    untag or forced tag of that name) ended after the commit began; an operation killed mid-way
@@ -59,7 +74,8 @@ The check, after every worker has stopped (at the deadline, or SIGKILLed after `
    even if that ref is gone by the end. (A load that raced a delete or overwrite, and a tag
    refused because its step's data went away, are counted apart.)
 
-It prints counts of each kind of operation and outcome, retention deletions, gc runs (swept,
+It prints counts of each kind of operation and outcome (DCP saves committed, and DCP steps
+checked at the end and by loads during the run), retention deletions, gc runs (swept,
 stood down, busy, failed) and objects deleted, faults injected, kills, refs checked, every
 unexpected error (anything but the typed errors concurrency makes normal, listed in
 EXPECTED_ERRORS and EXPECTED_PER_OPERATION), and "steps lost: N". `--json` prints the same as JSON; WORKDIR/summary.json
@@ -142,7 +158,9 @@ TAG_NAMES = 4
 _REF_KEY = re.compile(r"refs/(?:steps/[0-9]{20}|tags/[A-Za-z0-9_][A-Za-z0-9._-]*)")  # in gc's messages
 # An operation killed mid-way may still land requests it had sent: it ends this long after the kill.
 KILL_MARGIN_S = 2.0
-ROLES = ("saver", "overwriter", "tagger", "janitor", "gc")
+ROLES = ("saver", "dcp_saver", "overwriter", "tagger", "janitor", "gc")
+DCP_RANKS = 2           # simulated ranks of a DCP save, each writing its own part
+DCP_COLUMNS = 64        # pool and own tensors are saved as DCP 2-D tensors of this many columns
 
 
 @dataclass
@@ -154,6 +172,7 @@ class SoakConfig:
     seed: int | None = None
     workdir: str = ""
     savers: int = 2
+    dcp_savers: int = 1
     overwriters: int = 1
     taggers: int = 1
     janitors: int = 1
@@ -175,8 +194,8 @@ class SoakConfig:
 
     def slots(self) -> list[tuple[str, str]]:
         """(slot name, role) of every worker."""
-        counts = zip(ROLES, (self.savers, self.overwriters, self.taggers, self.janitors, self.collectors),
-                     strict=True)
+        counts = zip(ROLES, (self.savers, self.dcp_savers, self.overwriters, self.taggers, self.janitors,
+                             self.collectors), strict=True)
         return [(f"{role}{i}", role) for role, n in counts for i in range(n)]
 
 
@@ -226,6 +245,136 @@ def states_equal(a: Any, b: Any) -> bool:
         return (isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
                 and bool(np.array_equal(a, b)))
     return type(a) is type(b) and bool(a == b)
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP steps (manifest version 2)
+
+
+def make_dcp_state(seed: int, step: int) -> dict[str, Any]:
+    """The DCP state a DCP save of `step` with `seed` stores: `make_state(seed)`'s tensors as
+    torch tensors keyed by fqn (pool and own tensors as 2-D, DCP_COLUMNS wide: a dim-0 shard is
+    a contiguous run of the plain tensor's bytes, so the chunks are the plain saves'), and
+    `meta`, int64 [seed, step] (rank 0 holds the seed, rank 1 the step)."""
+    import torch
+
+    plain = make_state(seed)
+    state: dict[str, Any] = {}
+    for name, array in plain["layers"].items():
+        state[f"layers.{name}"] = torch.from_numpy(array).reshape(-1, DCP_COLUMNS)
+    for name, array in plain["norms"].items():
+        state[f"norms.{name}"] = torch.from_numpy(array)
+    state["own"] = torch.from_numpy(plain["own"]).reshape(-1, DCP_COLUMNS)
+    state["meta"] = torch.tensor([seed, step], dtype=torch.int64)
+    return state
+
+
+def _shard_of(tensor: Any, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> Any:
+    for dim, (start, length) in enumerate(zip(offsets, sizes, strict=True)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+def save_dcp(store: ckptstore.Store, step: int, seed: int) -> dict[str, Any]:
+    """Save `make_dcp_state(seed, step)` as `step`, create-only, through the real StoreWriter on
+    DCP_RANKS simulated ranks (each writes its dim-0 shard and its own part; rank 0 commits);
+    what the journal records of it. Raises StepExistsError and the like as `Store.save` does."""
+    from ckptstore.testing import dcpsim
+
+    state = make_dcp_state(seed, step)
+    model = {fqn: (tuple(t.shape), t.dtype) for fqn, t in state.items()}
+    done = dcpsim.save(store, step, model, DCP_RANKS,
+                       lambda fqn, offsets, sizes: _shard_of(state[fqn], offsets, sizes))
+    ref = done.writers[0].committed
+    assert ref is not None, "rank 0's finish returned without a commit"
+    return {"commit_id": ref.commit_id, "manifest": ref.manifest, "replaced": False,
+            "chunks": ref.summary.chunks if ref.summary is not None else 0,
+            "new_chunks": sum(w.new_chunks for w in done.writers), "parts": len(done.results)}
+
+
+def is_dcp_manifest(store: ckptstore.Store, digest: str) -> bool:
+    """Whether the manifest at `digest` is a version 2 root (a DCP step); IntegrityError or
+    FormatError when it is missing or corrupt."""
+    from ckptstore.manifestv2 import RootManifest
+
+    return isinstance(store.manifest_object(digest), RootManifest)
+
+
+class _Landing:
+    """What StoreReader.read_data asks of a LoadPlanner: each read item lands in `state`."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def resolve_tensor(self, item: Any) -> Any:
+        return _shard_of(self.state[item.dest_index.fqn], tuple(item.dest_offsets), tuple(item.lengths))
+
+    def commit_tensor(self, item: Any, tensor: Any) -> None:
+        pass
+
+    def load_bytes(self, item: Any, value: Any) -> None:
+        raise FormatError(f"DCP step holds a non-tensor item {item.dest_index.fqn!r}; the soak saves none")
+
+
+def load_dcp_state(store: ckptstore.Store, target: int | str) -> tuple[dict[str, Any], str]:
+    """Read the DCP step (or tag) `target` whole, as one rank: the ref and root, every part,
+    every chunk (each whole, so hash-checked), through the real StoreReader, into zeros of the
+    stored shapes. Returns the state and the manifest digest it read (the ref may change
+    meanwhile: the reader reads it once). IntegrityError for a missing or corrupt object."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckptstore.dcp import StoreReader
+    from ckptstore.testing import dcpsim
+
+    reader = StoreReader(store, target)
+    metadata = reader.read_metadata()
+    digest = str(metadata.storage_data["ckptstore_manifest"])
+    model: dcpsim.Model = {}
+    for fqn, stored in metadata.state_dict_metadata.items():
+        if not isinstance(stored, TensorStorageMetadata):
+            raise FormatError(f"DCP step {reader.resolved}: item {fqn!r} is not a tensor; the soak saves none")
+        model[fqn] = (tuple(stored.size), stored.properties.dtype)
+    state = {fqn: torch.zeros(shape, dtype=dtype) for fqn, (shape, dtype) in model.items()}
+    reader.set_up_storage_reader(metadata, True)
+    reader.read_data(dcpsim.read_plan(metadata, model, 0, 1), _Landing(state)).wait()  # type: ignore[arg-type]
+    return state, digest
+
+
+def dcp_state_problem(state: dict[str, Any], step: int) -> tuple[int | None, str | None]:
+    """(seed, problem) of a loaded DCP state of `step`: the seed in its `meta` tensor, and what
+    is wrong with it (None: it is exactly `make_dcp_state(seed, step)`)."""
+    import torch
+
+    meta = state.get("meta")
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or tuple(meta.shape) != (2,):
+        return None, "no meta tensor [seed, step]: cannot tell what it should hold"
+    seed, saved_step = (int(v) for v in meta.tolist())
+    if saved_step != step:
+        return seed, f"holds the state of step {saved_step}"
+    expected = make_dcp_state(seed, step)
+    same = expected.keys() == state.keys() and all(
+        state[k].dtype == t.dtype and state[k].shape == t.shape and torch.equal(state[k], t)
+        for k, t in expected.items())
+    return seed, None if same else f"content differs from the DCP state of its seed {seed}"
+
+
+def check_dcp_objects(store: ckptstore.Store, digest: str) -> tuple[int, list[str]]:
+    """Read the root at `digest`, all its parts and chunk tables (hash-checked, tables against
+    the parts: what gc keeps against what loads read), and head every chunk they name.
+    Returns (chunks, missing digests); IntegrityError or FormatError for a missing or corrupt
+    root, part or table."""
+    from ckptstore.hashing import hasher
+    from ckptstore.manifestread import check_tables
+    from ckptstore.manifestv2 import RootManifest
+
+    root = store.manifest_object(digest)
+    if not isinstance(root, RootManifest):
+        raise FormatError(f"manifest {digest} is not a version 2 root")
+    whole = store.manifest(digest)  # the root with every part (blobs listed as chunks)
+    check_tables(store.backend, hasher(store.marker.hash_algorithm), root, whole, store.threads)
+    missing = [c.digest for c in whole.chunks if not store.backend.exists(keys.chunk_key(c.digest))]
+    return len(whole.chunks), missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,21 +636,33 @@ class Worker:
         as "broken" with the evidence (else as "raced": the ref changed under the load)."""
         before = self.store.ref(target)
         try:
-            manifest = self.store.manifest(before.manifest)
-            state = self.store.load(target)
+            dcp = is_dcp_manifest(self.store, before.manifest)
+            if dcp:  # a DCP step: read whole through the StoreReader (which reads the ref once),
+                # then its chunk tables (which loads never read, but gc marks by) and chunks headed
+                dcp_state, read = load_dcp_state(self.store, target)
+                problem = dcp_state_problem(dcp_state, before.step)[1]
+                chunks, missing = check_dcp_objects(self.store, read)
+                if missing:
+                    raise IntegrityError(f"{len(missing)} of {chunks} chunks of the DCP step missing, e.g. "
+                                         f"{keys.chunk_key(missing[0])}")
+            else:
+                manifest, read = self.store.manifest(before.manifest), before.manifest
+                seed = manifest.metadata.get("seed") if isinstance(manifest.metadata, dict) else None
+                state = self.store.load(target)
+                problem = (None if isinstance(seed, int) and states_equal(state, make_state(seed))
+                           else f"content differs from the state of its seed {seed!r}")
         except (IntegrityError, FormatError) as exc:
             found = self.evidence(target, before, f"{type(exc).__name__}: {exc}")
             raise _Outcome("broken" if found else "raced", commit_id=before.commit_id, broken=found,
                            error=f"{type(exc).__name__}: {exc}"[:800]) from exc
-        if self.store.ref(target).commit_id != before.commit_id:
-            return {"commit_id": before.commit_id, "checked": False}  # replaced meanwhile: which one we read is unknown
-        seed = manifest.metadata.get("seed") if isinstance(manifest.metadata, dict) else None
-        if not isinstance(seed, int) or not states_equal(state, make_state(seed)):
-            problem = f"content differs from the state of its seed {seed!r}"
+        if read != before.manifest or self.store.ref(target).commit_id != before.commit_id:
+            # replaced meanwhile: which one we read is unknown
+            return {"commit_id": before.commit_id, "checked": False, "dcp": dcp}
+        if problem is not None:
             raise _Outcome("broken", commit_id=before.commit_id, error=problem,
                            broken=[{"key": _ref_key(target), "commit_id": before.commit_id,
                                     "manifest": before.manifest, "error": problem}])
-        return {"commit_id": before.commit_id, "checked": True}
+        return {"commit_id": before.commit_id, "checked": True, "dcp": dcp}
 
     def evidence(self, target: int | str, before: Any, problem: str) -> list[dict[str, Any]]:
         """`problem` (a missing or corrupt object under the ref `before` of `target`) as evidence
@@ -543,6 +704,17 @@ class Worker:
         self.wait_quiet()
         step, seed = self.rng.randrange(self.cfg.steps), self.new_seed()
         self.op("save", {"step": step, "seed": seed}, lambda: self.save(step, seed))
+
+    def dcp_saver(self) -> None:
+        self.wait_quiet()
+        step, seed = self.rng.randrange(self.cfg.steps), self.new_seed()
+        if self.op("dcp_save", {"step": step, "seed": seed}, lambda: save_dcp(self.store, step, seed)) is None:
+            return
+        # Read it back after gc has had a chance at it (a quiet window, if one comes first), as
+        # a tagger's load: few of the range's steps are DCP steps, so its loads rarely meet one.
+        self.pause()
+        self.wait_quiet()
+        self.op("load", {"target": step}, lambda: self.load_and_check(step))
 
     def overwriter(self) -> None:
         self.wait_quiet()
@@ -646,7 +818,8 @@ def _worker_entry(spec: dict[str, Any], environ: dict[str, str], log: str) -> No
 # second (a fresh interpreter importing boto3 took 2-5 s on 2 busy cores). Missing optional
 # SDKs are skipped by the forkserver. Not this module: under `python -m` each child runs it
 # again as __mp_main__, and runpy warns when it finds it imported already.
-_PRELOAD = ["numpy", "ckptstore.store", "ckptstore.retry", "ckptstore.url", "ckptstore.tensors",
+_PRELOAD = ["numpy", "torch", "ckptstore.dcp", "ckptstore.testing.dcpsim", "ckptstore.store", "ckptstore.retry",
+            "ckptstore.url", "ckptstore.tensors",
             "ckptstore.testing.wrappers", "ckptstore.backends.local", "ckptstore.backends.s3",
             "ckptstore.backends.gcs", "boto3", "google.cloud.storage"]
 
@@ -827,7 +1000,7 @@ def _commit_key(op: _Op) -> str | None:
     """The ref key a successful `op` committed, if it commits one."""
     if op.outcome != "ok":
         return None
-    if op.name in ("save", "overwrite", "retain"):
+    if op.name in ("save", "dcp_save", "overwrite", "retain"):
         return _step_key(op.begin["step"])
     if op.name == "tag":
         return keys.tag_ref_key(op.begin["name"])
@@ -864,31 +1037,62 @@ def _read_run(workdir: Path) -> tuple[list[_Op], list[dict[str, Any]], list[dict
     return ops, lifecycle, events, [e for e in events if e["ev"] == "crash"]
 
 
-def _check_ref(store: ckptstore.Store, key: str, ref: Any) -> dict[str, Any] | None:
-    """Load the ref at `key` and compare it with its seed's state; a problem, or None."""
+def _check_ref(store: ckptstore.Store, key: str, ref: Any) -> tuple[dict[str, Any] | None, int | None, bool]:
+    """Load the ref at `key` and compare it with its seed's state: (a problem or None, the seed
+    it holds if it could be read, whether it is a DCP step)."""
     target: int | str = ref.step if key.startswith(keys.STEP_REFS) else key[len(keys.TAG_REFS):]
     problem = {"key": key, "step": ref.step, "commit_id": ref.commit_id, "manifest": ref.manifest,
                "writer": ref.writer, "committed": ref.committed}
     try:
+        dcp = is_dcp_manifest(store, ref.manifest)
+    except (IntegrityError, FormatError) as exc:
+        return {**problem, "why": f"manifest: {type(exc).__name__}: {exc}"}, None, False
+    if dcp:
+        return (*_check_dcp_ref(store, target, ref, problem), True)
+    try:
         manifest = store.manifest(ref.manifest)
     except (IntegrityError, FormatError) as exc:
-        return {**problem, "why": f"manifest: {type(exc).__name__}: {exc}"}
+        return {**problem, "why": f"manifest: {type(exc).__name__}: {exc}"}, None, False
     problem["metadata"] = manifest.metadata
     try:
         state = store.load(target)
     except (IntegrityError, FormatError) as exc:
         missing = [c.digest for c in manifest.chunks if not store.backend.exists(keys.chunk_key(c.digest))]
         return {**problem, "why": f"load: {type(exc).__name__}: {exc}", "chunks": len(manifest.chunks),
-                "missing_chunks": len(missing), "missing": missing[:10]}
+                "missing_chunks": len(missing), "missing": missing[:10]}, None, False
     metadata = manifest.metadata if isinstance(manifest.metadata, dict) else {}
     seed = metadata.get("seed")
     if not isinstance(seed, int):
-        return {**problem, "why": "no seed in its metadata: cannot tell what it should hold"}
+        return {**problem, "why": "no seed in its metadata: cannot tell what it should hold"}, None, False
     if manifest.step != ref.step or metadata.get("step") != ref.step:
-        return {**problem, "why": f"manifest of step {manifest.step} (metadata: {metadata.get('step')})"}
+        return {**problem, "why": f"manifest of step {manifest.step} (metadata: {metadata.get('step')})"}, seed, False
     if not states_equal(state, make_state(seed)):
-        return {**problem, "why": f"content differs from the state of its seed {seed}"}
-    return None
+        return {**problem, "why": f"content differs from the state of its seed {seed}"}, seed, False
+    return None, seed, False
+
+
+def _check_dcp_ref(store: ckptstore.Store, target: int | str, ref: Any,
+                   problem: dict[str, Any]) -> tuple[dict[str, Any] | None, int | None]:
+    """`_check_ref` of a DCP step: its root, parts and chunk tables, every chunk headed, then
+    every item read through the StoreReader and compared with its seed's DCP state."""
+    try:
+        chunks, missing = check_dcp_objects(store, ref.manifest)
+    except (IntegrityError, FormatError) as exc:
+        return {**problem, "why": f"DCP step: {type(exc).__name__}: {exc}"}, None
+    problem.update(chunks=chunks, missing_chunks=len(missing), missing=missing[:10])
+    try:
+        state, read = load_dcp_state(store, target)
+    except (IntegrityError, FormatError) as exc:
+        return {**problem, "why": f"DCP load: {type(exc).__name__}: {exc}"}, None
+    if missing:
+        return {**problem, "why": f"DCP step: {len(missing)} of {chunks} chunks missing"}, None
+    if read != ref.manifest:
+        return {**problem, "why": f"the DCP reader read manifest {read}, not the ref's"}, None
+    root = store.manifest_object(ref.manifest)
+    seed, why = dcp_state_problem(state, ref.step)
+    if why is None and root.step != ref.step:
+        why = f"root of step {root.step}"
+    return ({**problem, "why": f"DCP step: {why}"} if why is not None else None), seed
 
 
 def check_store(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
@@ -908,10 +1112,15 @@ def check_store(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
         if found is not None:
             current[info.key] = found[0]
     checked = Counter("steps" if key.startswith(keys.STEP_REFS) else "tags" for key in current)
+    seeds: dict[str, int] = {}  # the seed each current ref holds, where it could be read
     for key, ref in sorted(current.items()):
-        problem = _check_ref(store, key, ref)
+        problem, seed, dcp = _check_ref(store, key, ref)
+        if dcp:
+            checked["dcp_steps" if key.startswith(keys.STEP_REFS) else "dcp_tags"] += 1
         if problem is not None:
             lost[(key, ref.commit_id)] = problem
+        elif seed is not None:
+            seeds[key] = seed
 
     # Journaled commits that are gone without an operation that could have removed them.
     removers: dict[str, list[_Op]] = {}
@@ -930,12 +1139,11 @@ def check_store(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
             commits["still current"] += 1
             if now.manifest != op.end["manifest"]:
                 lost[(key, commit_id)] = {"key": key, "commit_id": commit_id, "why": "ref names another manifest"}
-            elif op.name != "tag" and (journaled_seed := op.begin.get("seed")) is not None:
-                with contextlib.suppress(IntegrityError, FormatError):  # a broken manifest is lost above
-                    metadata = store.manifest(now.manifest).metadata
-                    if not isinstance(metadata, dict) or metadata.get("seed") != journaled_seed:
-                        lost[(key, commit_id)] = {"key": key, "commit_id": commit_id,
-                                                  "why": "manifest seed differs from the journal"}
+            elif (op.name != "tag" and (journaled_seed := op.begin.get("seed")) is not None
+                  and key in seeds and seeds[key] != journaled_seed):  # (a broken ref is lost above)
+                lost[(key, commit_id)] = {"key": key, "commit_id": commit_id,
+                                          "why": f"holds the state of seed {seeds[key]}, the journal says "
+                                                 f"{journaled_seed}"}
             continue
         wildcard = keys.STEP_REFS + "*" if key.startswith(keys.STEP_REFS) else None
         excuses = [r for r in removers.get(key, []) + removers.get(wildcard or "", [])
@@ -959,8 +1167,9 @@ def check_store(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
                 "why": f"found by a {op.name} during the run: {found['error']}"})
 
     summary = _tally(cfg, ops, lifecycle, events, crashes)
-    summary["check"] = {"refs_checked": sum(checked.values()), "step_refs_checked": checked["steps"],
-                        "tag_refs_checked": checked["tags"], "journaled_commits": sum(commits.values()),
+    summary["check"] = {"refs_checked": checked["steps"] + checked["tags"], "step_refs_checked": checked["steps"],
+                        "tag_refs_checked": checked["tags"], "dcp_step_refs_checked": checked["dcp_steps"],
+                        "dcp_tag_refs_checked": checked["dcp_tags"], "journaled_commits": sum(commits.values()),
                         **{f"journaled_{k.replace(' ', '_')}": v for k, v in commits.items()}}
     summary["lost"] = sorted(lost.values(), key=lambda p: (p["key"], str(p.get("commit_id"))))
     summary["steps_lost"] = len(lost)
@@ -988,13 +1197,14 @@ def _tally(cfg: SoakConfig, ops: list[_Op], lifecycle: list[dict[str, Any]], eve
                            "outcome": f"exited {crash['rc']}", "error": crash.get("log_tail")})
     ok = {name: [op for op in ops if op.name == name and op.outcome == "ok" and op.end is not None]
           for name in outcomes}
-    saves = [op.end for name in ("save", "overwrite", "retain") for op in ok.get(name, []) if op.end]
+    saves = [op.end for name in ("save", "dcp_save", "overwrite", "retain") for op in ok.get(name, []) if op.end]
     gcs = [op.end for op in ok.get("gc", []) if op.end]
     kills = Counter(e["slot"].rstrip("0123456789") for e in events if e["ev"] == "kill")
     skews = [r["skew"] for r in lifecycle if r.get("ev") == "start"]
     storms = faults.pop("storms", 0)
     counts = {
         "saves": len(ok.get("save", [])),
+        "dcp_saves": len(ok.get("dcp_save", [])),
         "overwrites": len(ok.get("overwrite", [])),
         "overwrites_replacing": sum(1 for op in ok.get("overwrite", []) if op.end and op.end.get("replaced")),
         "retention_saves": len(ok.get("retain", [])),
@@ -1003,6 +1213,8 @@ def _tally(cfg: SoakConfig, ops: list[_Op], lifecycle: list[dict[str, Any]], eve
         "tags": len(ok.get("tag", [])),
         "untags": len(ok.get("untag", [])),
         "loads_checked": sum(1 for op in ok.get("load", []) if op.end and op.end.get("checked")),
+        "dcp_loads_checked": sum(1 for op in ok.get("load", []) if op.end and op.end.get("checked")
+                                 and op.end.get("dcp")),
         "chunks_saved": sum(int(s.get("chunks", 0)) for s in saves),
         "chunks_deduplicated": sum(int(s.get("chunks", 0)) - int(s.get("new_chunks", 0)) for s in saves),
         "gc_runs": sum(outcomes.get("gc", Counter()).values()),
@@ -1046,14 +1258,17 @@ def exit_status(summary: dict[str, Any]) -> int:
 
 def format_summary(s: dict[str, Any]) -> str:
     c, cfg, chk = s["counts"], s["config"], s["check"]
-    roles = ", ".join(f"{cfg[k]} {k}" for k in ("savers", "overwriters", "taggers", "janitors", "collectors"))
+    roles = ", ".join(f"{cfg.get(k, 0)} {k.replace('_', ' ')}"
+                      for k in ("savers", "dcp_savers", "overwriters", "taggers", "janitors", "collectors"))
     lines = [
         f"soak: {s['seconds']} s against {s['url']} (seed {s['seed']}): {roles}; lease TTL {cfg['lease_ttl']} s, "
         f"clock skew {s['clock_skew_s']} s, fault rate {cfg['fault_rate']}, retries {cfg['retries']}",
-        f"saves {c['saves']}, overwrites {c['overwrites']} ({c['overwrites_replacing']} replacing a step), "
+        f"saves {c['saves']}, DCP saves {c.get('dcp_saves', 0)}, overwrites {c['overwrites']} "
+        f"({c['overwrites_replacing']} replacing a step), "
         f"retention saves {c['retention_saves']} (deleted {c['retention_deleted']} steps), rms {c['rms']}, "
         f"tags {c['tags']} (+{c['tags_refused']} refused: the step's data went away), untags {c['untags']}, "
-        f"loads checked {c['loads_checked']} (+{c['loads_raced']} raced a delete)",
+        f"loads checked {c['loads_checked']} ({c.get('dcp_loads_checked', 0)} of DCP steps; "
+        f"+{c['loads_raced']} raced a delete)",
         f"chunks: {c['chunks_saved']} in committed saves, {c['chunks_deduplicated']} of them deduplicated",
         f"gc: {c['gc_runs']} runs: {c['gc_swept']} swept, {c['gc_stood_down']} stood down, {c['gc_busy']} busy, "
         f"{c['gc_failed']} failed or killed; deleted {c['gc_deleted_objects']} objects ({c['gc_deleted_chunks']} "
@@ -1062,7 +1277,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"kills: {c['kills']} {s['kills_by_role']}; worker starts {c['worker_starts']}, crashes {c['worker_crashes']}",
         "outcomes: " + "; ".join(f"{name} {dict(v)}" for name, v in s["outcomes"].items()),
         f"check: {chk['refs_checked']} refs loaded and compared ({chk['step_refs_checked']} steps, "
-        f"{chk['tag_refs_checked']} tags); journaled commits {chk['journaled_commits']}: "
+        f"{chk['tag_refs_checked']} tags; DCP: {chk.get('dcp_step_refs_checked', 0)} steps, "
+        f"{chk.get('dcp_tag_refs_checked', 0)} tags); journaled commits {chk['journaled_commits']}: "
         f"{chk.get('journaled_still_current', 0)} still current, "
         f"{chk.get('journaled_removed_or_replaced', 0)} removed or replaced, "
         f"{chk.get('journaled_vanished', 0)} vanished",
