@@ -18,6 +18,7 @@ Importing this module imports torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import logging
@@ -65,9 +66,10 @@ from ckptstore.chunkio import ChunkReader, ChunkWriter, Landing, put_chunk
 from ckptstore.dcpformat import LAYOUT_1, LAYOUT_2, CompactMetadata, FqnEntry, build_compact, dcp_node, parse_compact
 from ckptstore.distributed import ChunkTable, commit_manifest_bytes, plain_segments, settle_chunks
 from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
-from ckptstore.epoch import Epoch, read_epoch
+from ckptstore.epoch import Epoch, epoch_from_plain, epoch_to_plain, read_epoch
 from ckptstore.errors import CkptStoreError, FormatError, IntegrityError
 from ckptstore.hashing import hasher
+from ckptstore.knownchunks import handoff_epoch, handoff_for_ranks, known_from_handoff
 from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, StepSummary, TensorEntry
 from ckptstore.manifestread import read_parts
@@ -132,11 +134,12 @@ def save(state_dict: dict[str, Any], store: Store, step: int | str | os.PathLike
 
     writer = StoreWriter(store, step, overwrite=overwrite)
     try:
-        return dcp.save(state_dict, storage_writer=writer, **kwargs)
+        metadata = dcp.save(state_dict, storage_writer=writer, **kwargs)
     except BaseException as exc:
+        writer.release(abandon=True)  # a failed save's coordinator may never have deleted it
         raise _unwrapped(exc)  # noqa: B904 - the cause is set: DCP's exception
-    finally:
-        writer.release()
+    writer.release()  # committed: the coordinator deleted it
+    return metadata
 
 
 def async_save(state_dict: dict[str, Any], store: Store | None = None, step: int | str | os.PathLike[str] | None = None,
@@ -164,8 +167,9 @@ def async_save(state_dict: dict[str, Any], store: Store | None = None, step: int
     writer = storage_writer
 
     def done(future: Any) -> None:
-        writer.release(children=True)
         exc = future.exception()
+        # Committed: the coordinator deleted every rank's lease, a PROCESS-mode child's too.
+        writer.release(children=exc is not None, abandon=exc is not None)
         if exc is None:
             out.set_result(future.result())
         else:
@@ -419,6 +423,9 @@ class _SaveLease(Lease):
     def __init__(self, backend: Backend, token: str, *, ttl: float):
         super().__init__(backend, "save", writer_identity(), ttl=ttl)
         self.key = keys.lock_key(f"save-{token}-{secrets.token_hex(4)}")
+        #: Named in this rank's write result: the coordinator's finish deletes it, committed or
+        #: not, so closing it here only stops refreshing (one delete a rank fewer per save).
+        self.handed_over = False
 
     def pause(self) -> None:
         """Stop refreshing; the lease object stays until deleted or stale."""
@@ -437,28 +444,22 @@ class _SaveLease(Lease):
         self._thread.start()
 
 
-def _close_lease(lease: Lease | None) -> None:
-    if lease is not None:
+def _close_lease(lease: _SaveLease | None) -> None:
+    if lease is None:
+        return
+    if lease.handed_over:
+        lease.pause()
+        lease.held = False
+    else:
         lease.__exit__(None, None, None)
 
 
 def _delete_leases(backend: Backend, names: Any) -> None:
-    """Delete save leases by key (a leftover goes stale and is ignored anyway)."""
-    for name in names:
-        if isinstance(name, str) and name.startswith(keys.lock_key("save-")):
-            with contextlib.suppress(Exception):
-                backend.delete(name)
-
-
-def _epoch_to_plain(epoch: Epoch) -> list[Any]:
-    return [epoch.number, epoch.running, epoch.owner, epoch.last_sweep]
-
-
-def _epoch_from_plain(value: Any) -> Epoch:
-    if (not isinstance(value, list) or len(value) != 4 or not isinstance(value[0], int)
-            or not isinstance(value[1], bool) or not isinstance(value[2], str) or not isinstance(value[3], int)):
-        raise FormatError(f"a rank's write results carry a malformed gc epoch: {value!r}"[:200])
-    return Epoch(value[0], value[1], value[2], value[3])
+    """Delete save leases by key, in batches where the backend has them (S3 DeleteObjects: 1024
+    ranks' leases in 2 requests); a leftover goes stale and is ignored anyway."""
+    doomed = sorted({name for name in names if isinstance(name, str) and name.startswith(keys.lock_key("save-"))})
+    with contextlib.suppress(Exception):
+        backend.delete_many(doomed)
 
 
 def _writer_step(checkpoint_id: Any) -> int:
@@ -540,21 +541,35 @@ class StoreWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return plans
+        # The gc epoch and the latest step, read once here for every rank (ckptstore/knownchunks.py
+        # says why that is safe): a rank then reads only its own part of that step.
+        handoffs = handoff_for_ranks(self.store, len(plans))
+        if handoffs is None:
+            return plans
+        return [plan if plan.storage_data is not None else
+                dataclasses.replace(plan, storage_data={**handoff, "step": self.step})
+                for plan, handoff in zip(plans, handoffs, strict=True)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         # A rank that writes (and the coordinator, which commits) reads the gc epoch, then takes
         # its lease, before any chunk is checked; the lease is refreshed only during this call.
         self.release()
+        handoff = plan.storage_data
+        epoch = handoff_epoch(handoff) if isinstance(handoff, dict) and handoff.get("step") == self.step else None
+        if epoch is None:  # no coordinator's handoff for this save (or a cached plan's, of another)
+            handoff = None  # its part is safe to trust only with its own E0
         try:
             if plan.items or self.is_coordinator:
-                self._begin()
-            results = self._write(plan, planner) if plan.items else []
+                self._begin(epoch)
+            results = self._write(plan, planner, handoff) if plan.items else []
         except BaseException:
             self.release()
             raise
         if self._lease is not None:
-            self._lease.pause()  # until the coordinator's commit deletes it, or one TTL
+            self._lease.pause()  # until the coordinator's finish deletes it, or one TTL
+            # Named in a write result, another rank's finish deletes it (the coordinator's own is
+            # deleted by its finish, or by its release when DCP aborts before finish).
+            self._lease.handed_over = bool(results) and not self.is_coordinator
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -569,8 +584,9 @@ class StoreWriter(StorageWriter):
                 self._lease.resume()
             self._finish(metadata, results)
         finally:  # every rank's lease of this save ends here, committed or not
+            own = self._lease.key if self._lease is not None else None
             self.release()
-            _delete_leases(self.store.backend, leases)
+            _delete_leases(self.store.backend, leases - {own})
 
     def storage_meta(self) -> StorageMeta | None:
         """The step, as DCP's checkpoint_id `step-N` (and this save's token as save_id)."""
@@ -578,10 +594,15 @@ class StoreWriter(StorageWriter):
             return None
         return StorageMeta(checkpoint_id=f"step-{self.step}", save_id=self.token)
 
-    def release(self, *, children: bool = False) -> None:
-        """End this writer's save lease now (DCP calls nothing after an aborted save). With
-        `children`, also the leases pickled copies of it took in PROCESS-mode children
-        (lists locks/). `ckptstore.dcp.save`/`async_save`, reset() and dropping the writer do it."""
+    def release(self, *, children: bool = False, abandon: bool = False) -> None:
+        """End this writer's save lease now (DCP calls nothing after an aborted save). A lease
+        handed over to the coordinator (named in this rank's write result) is left to the
+        coordinator's finish, which deletes every rank's, or to go stale one TTL later, unless
+        `abandon` (the save failed: finish may never run). With `children`, also the leases
+        pickled copies of it took in PROCESS-mode children (lists locks/).
+        `ckptstore.dcp.save`/`async_save`, reset() and dropping the writer do it."""
+        if abandon and self._lease is not None:
+            self._lease.handed_over = False
         if self._finalizer is not None:
             self._finalizer()  # closes the lease once
             self._finalizer = None
@@ -593,16 +614,18 @@ class StoreWriter(StorageWriter):
                                                     if info.key.startswith(prefix)])
 
     # ------------------------------------------------------------------------------------------
-    def _begin(self) -> None:
+    def _begin(self, epoch: Epoch | None = None) -> None:
+        """Take the save lease; `epoch` is E0 as the coordinator read it before this lease
+        existed, else it is read here (before the lease exists: docs/FORMAT.md)."""
         backend = self.store.backend
         ensure_conditional_writes(backend)
-        self._epoch = read_epoch(backend)[0]  # before the lease exists (docs/FORMAT.md)
+        self._epoch = epoch if epoch is not None else read_epoch(backend)[0]
         lease = _SaveLease(backend, self.token, ttl=self.store.lease_ttl)
         lease.__enter__()
         self._lease = lease
         self._finalizer = weakref.finalize(self, _close_lease, lease)
 
-    def _write(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+    def _write(self, plan: SavePlan, planner: SavePlanner, handoff: dict[str, Any] | None) -> list[WriteResult]:
         items: list[WriteItem] = list(plan.items)
         sources: list[memoryview] = []
         elements: list[ElementType] = []  # what compression may assume about each source's bytes
@@ -623,14 +646,22 @@ class StoreWriter(StorageWriter):
                 described.append((KIND_TORCH, src.dtype, src.shape))
                 keepalive.append(src.keepalive)
         chunk_plan = plan_chunks([s.nbytes for s in sources], self.store.chunking)
+        known, previous_part = ({}, None) if handoff is None else known_from_handoff(self.store, handoff)
+        if handoff is None:
+            known = self._previous_chunks()
         writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
-                             elements=elements, known=self._previous_chunks())
+                             elements=elements, known=known)
         written = writer.write(chunk_plan, sources)
         assert self._epoch is not None, "write_data took no lease"
-        settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
+        swept = settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
         new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
         part, items_plain, logical = self._part(items, described, plain_segments(chunk_plan, written))
-        part_entry, part_written = put_blob(self.store, self._hash, part)
+        if previous_part is not None and not swept and self._hash(part) == previous_part.digest:
+            # The same part as the previous step's (unchanged data): present at the coordinator's
+            # ref read, and no gc swept since E0, so neither a head nor a put (knownchunks.py).
+            part_entry, part_written = previous_part.entry, False
+        else:
+            part_entry, part_written = put_blob(self.store, self._hash, part)
         if part_written:
             new[part_entry.digest] = part_entry.stored_size
         self.new_chunks, self.new_bytes = len(new), sum(new.values())
@@ -645,7 +676,7 @@ class StoreWriter(StorageWriter):
             "part": [part_entry.digest, part_entry.raw_size, part_entry.stored_size, len(items)],
             "chunks": _pack([[bytes.fromhex(c.digest), c.raw_size, c.stored_size] for c in chunks.values()]),
             "items": _pack(items_plain), "logical": logical, "new_bytes": self.new_bytes, "rank": self.rank,
-            "epoch": _epoch_to_plain(self._epoch), "lease": self._lease.key}
+            "epoch": epoch_to_plain(self._epoch), "lease": self._lease.key}
         return [WriteResult(index=items[0].index, size_in_bytes=logical, storage_data=storage)]
 
     def _previous_chunks(self) -> dict[str, ChunkEntry]:
@@ -713,7 +744,7 @@ class StoreWriter(StorageWriter):
         for rank_results in results:
             for result in rank_results:
                 storage = result.storage_data
-                epoch = _epoch_from_plain(storage.get("epoch"))
+                epoch = epoch_from_plain(storage.get("epoch"))
                 if epoch.number < earliest.number:
                     earliest = epoch
                 new_bytes += storage.get("new_bytes", 0)

@@ -124,12 +124,14 @@ def resolve_group(process_group: Any) -> Any:
 
 # -- shared with ckptstore.dcp: settling with gc, the chunk table ----------------------------
 def settle_chunks(store: Any, epoch_at_start: Epoch, writer: ChunkWriter, plan: ChunkPlan,
-                  written: list[WrittenChunk], sources: list[memoryview]) -> None:
+                  written: list[WrittenChunk], sources: list[memoryview]) -> bool:
     """If a gc may have swept since `epoch_at_start`, wait for it and re-upload any chunk of
-    `plan` it deleted (each rank does this for its own chunks before handing them over)."""
+    `plan` it deleted (each rank does this for its own chunks before handing them over).
+    Returns whether a gc may have swept (False: none can have since `epoch_at_start`)."""
     if settle_with_gc(store.backend, epoch_at_start, ttl=store.lease_ttl) is None:
-        return
+        return False
     restore_missing(writer, plan, written, sources)
+    return True
 
 
 def settle_manifest(store: Any, epoch_at_start: Epoch, step: int, chunks: list[ChunkEntry] | tuple[ChunkEntry, ...],

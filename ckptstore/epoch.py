@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ckptstore import keys
 from ckptstore.backends.base import CREATE, Backend, PutMode
@@ -48,6 +49,19 @@ class Epoch:
     def swept_since(self, earlier: Epoch) -> bool:
         """Whether a gc may have deleted objects between `earlier` and this epoch."""
         return earlier.running or self.running or self.last_sweep > earlier.number
+
+
+def epoch_to_plain(epoch: Epoch) -> list[Any]:
+    """The epoch as plain data a collective or a plan carries between ranks."""
+    return [epoch.number, epoch.running, epoch.owner, epoch.last_sweep]
+
+
+def epoch_from_plain(value: Any) -> Epoch:
+    """`epoch_to_plain`'s inverse; FormatError when `value` is not one."""
+    if (not isinstance(value, list) or len(value) != 4 or not isinstance(value[0], int)
+            or not isinstance(value[1], bool) or not isinstance(value[2], str) or not isinstance(value[3], int)):
+        raise FormatError(f"a malformed gc epoch: {value!r}"[:200])
+    return Epoch(value[0], value[1], value[2], value[3])
 
 
 def read_epoch(backend: Backend) -> tuple[Epoch, str | None]:

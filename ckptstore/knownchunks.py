@@ -21,9 +21,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from ckptstore.dcpformat import dcp_node
+from ckptstore.epoch import Epoch, epoch_from_plain, epoch_to_plain, read_epoch
+from ckptstore.errors import FormatError
 from ckptstore.manifest import ChunkEntry, Manifest, Ref
-from ckptstore.manifestread import read_chunk_tables
-from ckptstore.manifestv2 import RootManifest
+from ckptstore.manifestread import read_blobs, read_chunk_tables
+from ckptstore.manifestv2 import BlobRef, RootManifest, decode_part
+from ckptstore.tree import decode_tree
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +67,110 @@ def previous_chunks(store: StepSource) -> dict[str, ChunkEntry]:
         log.info("reading the previous step's chunks of %s failed (%s: %s); every chunk is checked with a head",
                  getattr(store, "url", "the store"), type(exc).__name__, exc)
         return {}
+
+
+# -- DCP: the coordinator resolves once, each rank reads only its own part ------------------------
+#
+# A DCP rank would otherwise list every ref (O(steps) LIST pages), read the latest ref and root,
+# and read the gc epoch itself: 1024 ranks doing that per save is most of a re-save's requests.
+# The coordinator's `prepare_global_plan` reads the epoch (E0) and *then* the latest step's ref
+# and root, once, and hands each rank (in its plan's `storage_data`) E0 and the digest of that
+# rank's part. The rank takes its lease, reads only its part, and settles against E0.
+#
+# Why that is as safe as each rank reading for itself (docs/FORMAT.md, "Why a committed ref
+# never points at a missing object"): E0 was read before the ref, and the ref before any rank's
+# lease existed, so E0 precedes the lease as step 1 requires; a chunk the part lists was present
+# at the coordinator's ref read (a committed ref never points at a missing object), which
+# follows E0. A gc that deletes it later never saw the rank's lease, so it was running at E0 or
+# bumped the epoch after E0, and the rank's settle (E1 against E0) heads every chunk it skipped.
+
+HANDOFF_VERSION = 1
+
+
+def handoff_for_ranks(store: StepSource, ranks: int) -> list[dict[str, Any]] | None:
+    """What the coordinator hands each of `ranks` ranks (in rank order): E0 and the digest of
+    the rank's part of the latest step (or the latest v1 manifest's digest). None when even the
+    epoch cannot be read: each rank then reads for itself. Never raises."""
+    try:
+        epoch, _ = read_epoch(store.backend)  # first: E0 must precede the ref read below
+    except Exception as exc:
+        log.info("the coordinator could not read the gc epoch (%s: %s); each rank reads its own",
+                 type(exc).__name__, exc)
+        return None
+    base = {"v": HANDOFF_VERSION, "epoch": epoch_to_plain(epoch)}
+    previous = _previous_objects(store, ranks)
+    return [{**base, "previous": previous[rank]} for rank in range(ranks)]
+
+
+def _previous_objects(store: StepSource, ranks: int) -> list[Any]:
+    """Per rank: ["part", digest, raw size, stored size, items] of its part of the latest step,
+    ["manifest", digest] when that step is a v1 manifest, or None."""
+    nothing: list[Any] = [None] * ranks
+    if not store.verify:
+        return nothing  # an unchecked manifest's chunk table is not trusted to skip a head
+    try:
+        step = store.latest()
+        if step is None:
+            return nothing
+        digest = store.ref(step).manifest
+        stored = store.manifest_object(digest)
+        if isinstance(stored, Manifest):
+            return [["manifest", digest]] * ranks
+        node = dcp_node(decode_tree(stored.tree))
+        part_ranks = node.get("part_ranks") if node is not None else None
+        if not isinstance(part_ranks, list) or len(part_ranks) != len(stored.parts):
+            return nothing
+        out = list(nothing)
+        for part, rank in zip(stored.parts, part_ranks, strict=True):
+            if isinstance(rank, int) and 0 <= rank < ranks and out[rank] is None:
+                out[rank] = ["part", part.digest, part.raw_size, part.stored_size, part.count]
+        return out
+    except Exception as exc:
+        log.info("the coordinator could not read the latest step of %s (%s: %s); every chunk is checked with a head",
+                 getattr(store, "url", "the store"), type(exc).__name__, exc)
+        return nothing
+
+
+def handoff_epoch(handoff: Any) -> Epoch | None:
+    """E0 from a rank's handoff, or None when the handoff is absent or malformed (the rank then
+    reads the epoch and the latest step itself)."""
+    if not isinstance(handoff, dict) or handoff.get("v") != HANDOFF_VERSION:
+        return None
+    try:
+        return epoch_from_plain(handoff.get("epoch"))
+    except FormatError:
+        return None
+
+
+def handoff_part(handoff: Any) -> BlobRef | None:
+    """The rank's part of the previous step named by its handoff, if any."""
+    previous = handoff.get("previous") if isinstance(handoff, dict) else None
+    if not isinstance(previous, list) or len(previous) != 5 or previous[0] != "part":
+        return None
+    digest, raw_size, stored_size, count = previous[1:]
+    if not isinstance(digest, str) or not all(isinstance(n, int) and n >= 0 for n in (raw_size, stored_size, count)):
+        return None
+    return BlobRef(digest, raw_size, stored_size, count)
+
+
+def known_from_handoff(store: StepSource, handoff: Any) -> tuple[dict[str, ChunkEntry], BlobRef | None]:
+    """The chunks a rank may skip: those of the part (or v1 manifest) its handoff names, read
+    and hash-checked after the rank's lease exists; and that part, once read (the rank may
+    skip putting an identical new part). Empty and None on any doubt. Never raises."""
+    previous = handoff.get("previous") if isinstance(handoff, dict) else None
+    if not store.verify or not isinstance(previous, list) or not previous:
+        return {}, None
+    try:
+        part = handoff_part(handoff)
+        if part is not None:
+            [data] = read_blobs(store.backend, store._hash, [part], 1, "the previous step's part of this rank")
+            return {chunk.digest: chunk for chunk in decode_part(data, part.count).chunks}, part
+        if previous[0] == "manifest" and len(previous) == 2 and isinstance(previous[1], str):
+            stored = store.manifest_object(previous[1])
+            if isinstance(stored, Manifest):
+                return {chunk.digest: chunk for chunk in stored.chunks}, None
+        return {}, None
+    except Exception as exc:
+        log.info("reading the previous step's part failed (%s: %s); every chunk is checked with a head",
+                 type(exc).__name__, exc)
+        return {}, None

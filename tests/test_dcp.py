@@ -309,7 +309,7 @@ def test_the_commit_settles_against_the_earliest_epoch_any_rank_read(store: ckpt
     plans = w0.prepare_global_plan(plans)
     results1 = w1.write_data(p1.finish_plan(plans[1]), p1).value()
     assert w1.new_chunks > 0
-    w1.release()  # as if its lease had gone stale
+    w1.release(abandon=True)  # as if its lease had gone stale (handed over, it would wait for finish)
     report = store.gc(min_age=0)
     assert report.deleted_chunks >= w1.new_chunks  # rank 1's chunks are gone
     results0 = w0.write_data(p0.finish_plan(plans[0]), p0).value()

@@ -276,8 +276,10 @@ def test_results_in_another_order_than_the_metadata_still_map_each_shard_to_its_
 
 
 def test_a_dcp_resave_of_unchanged_data_heads_no_chunk_its_rank_wrote_before() -> None:
-    """Each rank reads its own part of the latest step (2 GETs) and skips the head of every
-    chunk it lists; only the part and table blobs are headed (and found)."""
+    """The coordinator reads the epoch and the latest step once (prepare_global_plan) and hands
+    each rank its part's digest: a rank then reads only that part, skips the head of every chunk
+    it lists, and neither heads nor puts its unchanged part; its lease is deleted once, in the
+    coordinator's batch. Only the chunk table is headed (and found)."""
     from ckptstore.chunking import ChunkingPolicy
 
     model: dcpsim.Model = {f"w{i}": ((64, 256), torch.float32) for i in range(4)}
@@ -286,17 +288,28 @@ def test_a_dcp_resave_of_unchanged_data_heads_no_chunk_its_rank_wrote_before() -
     policy = ChunkingPolicy(chunk_size=4096, small_tensor_limit=1024, pack_size=4096)
     store = ckptstore.open(f"memory://v2-resave-{uuid.uuid4().hex}", chunking=policy)
     dcpsim.save(store, 1, model, 2, _data(full))
-    chunks = _root(store, 1).chunks
+    before = _root(store, 1)
     counting = CountingBackend(store.backend)
     store.backend = counting
     dcpsim.save(store, 2, model, 2, _data(full))
-    heads = [k for op, k in counting.log if op == "head" and k.startswith("chunks/")]
-    puts = [k for op, k in counting.log if op == "put" and k.startswith("chunks/")]
+    log = list(counting.log)  # before the test reads anything itself
     root = _root(store, 2)
-    assert chunks == 64 and puts == []
-    assert sorted(heads) == sorted(keys.chunk_key(b.digest) for b in root.blobs)  # 2 parts + 1 table, not 64 chunks
-    requests = sum(1 for op, k in counting.log if op in ("get", "head", "put", "list", "delete"))
-    assert requests / chunks <= 1.0  # ~20 fixed requests (epoch, leases, refs, root, parts) for 2 ranks
+    assert before.chunks == 64 and root.parts == before.parts  # the same data: the same parts
+    assert [k for op, k in log if op == "put" and k.startswith("chunks/")] == []
+    assert [k for op, k in log if op == "head" and k.startswith("chunks/")] == \
+        [keys.chunk_key(t.digest) for t in root.chunk_tables]  # not 64 chunks, not the 2 parts
+    assert [k for op, k in log if op == "get" and k.startswith("chunks/")] == \
+        [keys.chunk_key(p.digest) for p in before.parts]  # each rank its own part, once
+    assert [op for op, k in log if k.startswith("refs/")].count("list") == 1  # the coordinator alone
+    assert [op for op, k in log if k.startswith("manifests/")] == ["get", "put"]  # previous root once; new root
+    leases = [k for op, k in log if op == "put" and k.startswith("locks/save-")]
+    deletes = [k for op, k in log if op == "delete" and k.startswith("locks/save-")]
+    assert len(set(leases)) == 2 and sorted(deletes) == sorted(set(leases))  # each deleted once
+    requests = sum(1 for op, k in log if op in ("get", "head", "put", "list", "delete"))
+    # 5 reads by the coordinator (epoch, refs listing, ref, root); 3 a rank (lease, its part, the
+    # epoch again); 7 to commit (table head, root, lease refresh, epoch, ref, one batch of deletes:
+    # memory:// deletes key by key).
+    assert requests == 18, log
 
 
 class _SlicePlanner:

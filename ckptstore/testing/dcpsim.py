@@ -114,18 +114,21 @@ class SimulatedSave:
 
 def write_ranks(store: Any, step: int, model: Model, ranks: int, data: DataFn, *,
                 overwrite: bool = False) -> SimulatedSave:
-    """Plan, then run every rank's write_data in turn; `finish` is left to the caller (so it
-    can be measured): `save.writers[0].finish(save.metadata, save.results)`."""
-    plans, metadata = create_default_global_save_plan(local_plans(model, ranks))
-    writers, results = [], []
-    planner = _Planner(data)
-    for rank, plan in enumerate(plans):
-        writer = StoreWriter(store, step, overwrite=overwrite)
+    """Plan as DCP does (each rank's prepare_local_plan, then the coordinator's global plan and
+    its prepare_global_plan), then run every rank's write_data in turn; `finish` is left to the
+    caller (so it can be measured): `save.writers[0].finish(save.metadata, save.results)`."""
+    writers = [StoreWriter(store, step, overwrite=overwrite) for _ in range(ranks)]
+    local = []
+    for rank, (writer, plan) in enumerate(zip(writers, local_plans(model, ranks), strict=True)):
         writer.set_up_storage_writer(rank == 0, rank=rank)
-        writer.prepare_local_plan(plan)
+        local.append(writer.prepare_local_plan(plan))
+    plans, metadata = create_default_global_save_plan(local)
+    plans = writers[0].prepare_global_plan(plans)
+    results = []
+    planner = _Planner(data)
+    for writer, plan in zip(writers, plans, strict=True):
         future = writer.write_data(plan, planner)  # type: ignore[arg-type]
         results.append(future.value())
-        writers.append(writer)
     return SimulatedSave(metadata, plans, results, writers)
 
 
