@@ -31,6 +31,7 @@ from ckptstore.testing.soak import (
     format_summary,
     load_dcp_state,
     make_state,
+    read_journal,
     run,
     save_dcp,
     states_equal,
@@ -196,6 +197,43 @@ def test_check_finds_a_missing_part_chunk_table_or_wrong_seed_in_a_dcp_step(
     finally:
         worker.store.close()
         worker.journal.close()
+
+
+def test_the_dcp_saver_reads_its_step_back_and_again_after_a_gc_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DCP saver's loop: a DCP step committed, read back at once, and read back again in
+    its next round once a gc has swept (the epoch's last_sweep passed the commit's epoch); the
+    tally counts both and the check finds the steps whole."""
+    url, work = str(tmp_path / "store"), tmp_path / "work"
+    ckptstore.open(url, chunking=CHUNKING).marker  # noqa: B018 - creates the store, as run() does
+    (work / "journal").mkdir(parents=True)
+    _journal(work / "orchestrator.jsonl")
+    for name in ("time", "time_ns"):  # the worker skews the clock (by 0 s here): put it back after
+        monkeypatch.setattr(time, name, getattr(time, name))
+    cfg = SoakConfig(url=url, workdir=str(work), skew=0.0, fault_rate=0.0, storm_chance=0.0, quiet_for=0.0)
+    worker = Worker(cfg, {"slot": "dcp_saver0", "role": "dcp_saver", "incarnation": 0, "deadline": 0.0,
+                          "seed": 5, "journal": str(work / "journal" / "dcp_saver0-000.jsonl")})
+    try:
+        worker.dcp_saver()  # a save and its read-back; no gc has swept since: nothing else
+        store = ckptstore.open(url)
+        report = store.gc(min_age=0)
+        assert report.ran, report
+        worker.dcp_saver()  # the first step again (a sweep passed it), then a new save and its read-back
+        worker.dcp_saver()  # no sweep since the second commit: a save and its read-back only
+    finally:
+        worker.store.close()
+        worker.journal.close()
+    records = [r for r in read_journal(work / "journal" / "dcp_saver0-000.jsonl") if r["ev"] == "end"]
+    assert [(r["op"], r["outcome"]) for r in records] == [
+        ("dcp_save", "ok"), ("load", "ok"), ("load", "ok"), ("dcp_save", "ok"), ("load", "ok"), ("dcp_save", "ok"),
+        ("load", "ok")], records
+    assert records[2]["commit_id"] == records[0]["commit_id"]  # the first step, read again after the sweep
+    assert all(r["checked"] for r in records if r["op"] == "load")
+    summary = check_store(cfg, work)
+    assert summary["steps_lost"] == 0, summary["lost"]
+    counts = summary["counts"]
+    assert counts["dcp_saves"] == 3 and summary["check"]["dcp_step_refs_checked"] == 3, summary
+    assert counts["dcp_loads_checked"] == 4 and counts["dcp_loads_after_sweep"] == 1, counts
 
 
 # -- the soak ----------------------------------------------------------------------------------

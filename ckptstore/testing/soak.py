@@ -22,9 +22,11 @@ each with its own role:
   same pools, so its chunks are the plain saves' chunks too) as torch tensors sharded on dim 0,
   plus a `meta` tensor holding the seed and the step (a DCP step has no user metadata). The
   other roles meet these steps: overwriters replace them with plain saves, janitors delete
-  them, taggers tag and load them, gc marks them through their chunk tables. After each
-  commit the DCP saver loads its step back as the taggers load (after a pause and the next
-  quiet window, if one comes, so a gc may have swept in between).
+  them, taggers tag and load them, gc marks them through their chunk tables. A DCP saver
+  also loads back (as the taggers load) each step it commits, right after the commit (after
+  the next quiet window, if one comes first), and again once a gc has swept after the commit
+  (the gc epoch's `last_sweep` passed the epoch it read after the commit; its latest
+  DCP_REMEMBERED commits).
 - overwriters (`--overwriters`, 1): `save(step, state, overwrite=True)` of existing steps.
 - taggers (`--taggers`, 1): `tag(name, step, overwrite=...)`, `untag(name)` from a small pool
   of names, and loads of steps and tags checked against the state their seed regenerates.
@@ -161,6 +163,7 @@ KILL_MARGIN_S = 2.0
 ROLES = ("saver", "dcp_saver", "overwriter", "tagger", "janitor", "gc")
 DCP_RANKS = 2           # simulated ranks of a DCP save, each writing its own part
 DCP_COLUMNS = 64        # pool and own tensors are saved as DCP 2-D tensors of this many columns
+DCP_REMEMBERED = 8      # a DCP saver's latest commits it reads back once a gc has swept after them
 
 
 @dataclass
@@ -350,6 +353,8 @@ def dcp_state_problem(state: dict[str, Any], step: int) -> tuple[int | None, str
     if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int64 or tuple(meta.shape) != (2,):
         return None, "no meta tensor [seed, step]: cannot tell what it should hold"
     seed, saved_step = (int(v) for v in meta.tolist())
+    if seed < 0:  # the savers' seeds are 62-bit
+        return None, f"meta holds seed {seed}: not a seed the savers use"
     if saved_step != step:
         return seed, f"holds the state of step {saved_step}"
     expected = make_dcp_state(seed, step)
@@ -557,6 +562,7 @@ class Worker:
         self.faults: RandomFaultBackend | None = None
         self._reported: Counter[str] = Counter()
         self._seq = 0
+        self._committed: list[tuple[int, str, int]] = []  # DCP saver: (step, commit id, gc epoch after it)
         self.store = self._open()
 
     def _open(self) -> ckptstore.Store:
@@ -706,15 +712,52 @@ class Worker:
         self.op("save", {"step": step, "seed": seed}, lambda: self.save(step, seed))
 
     def dcp_saver(self) -> None:
+        # First a step this worker committed earlier that a gc has swept over since (the gc
+        # epoch's last_sweep passed the epoch read after its commit), loaded as a tagger loads
+        # (few of the range's steps are DCP steps: the taggers' loads rarely meet one).
+        survivor = self._swept_over()
+        if survivor is not None:
+            old, commit_id = survivor
+            self.wait_quiet()
+            self.op("load", {"target": old, "swept_after": commit_id}, lambda: self.load_and_check(old))
         self.wait_quiet()
         step, seed = self.rng.randrange(self.cfg.steps), self.new_seed()
-        if self.op("dcp_save", {"step": step, "seed": seed}, lambda: save_dcp(self.store, step, seed)) is None:
+        saved = self.op("dcp_save", {"step": step, "seed": seed}, lambda: save_dcp(self.store, step, seed))
+        if saved is None:
             return
-        # Read it back after gc has had a chance at it (a quiet window, if one comes first), as
-        # a tagger's load: few of the range's steps are DCP steps, so its loads rarely meet one.
+        epoch = self._epoch_number()
+        if epoch is not None:
+            self._committed = [*self._committed[-(DCP_REMEMBERED - 1):], (step, saved["commit_id"], epoch)]
+        # And read it back now (after the next quiet window, if one comes first: a gc may sweep).
         self.pause()
         self.wait_quiet()
         self.op("load", {"target": step}, lambda: self.load_and_check(step))
+
+    def _epoch_number(self) -> int | None:
+        """The gc epoch's number now (None if it cannot be read: faults)."""
+        from ckptstore.epoch import read_epoch
+
+        try:
+            return read_epoch(self.store.backend)[0].number
+        except ckptstore.CkptStoreError:
+            return None
+
+    def _swept_over(self) -> tuple[int, str] | None:
+        """(step, commit id) of a commit of this worker (one it remembers) that a gc swept
+        after: forgotten once returned; None if there is none or the epoch cannot be read."""
+        from ckptstore.epoch import read_epoch
+
+        if not self._committed:
+            return None
+        try:
+            last_sweep = read_epoch(self.store.backend)[0].last_sweep
+        except ckptstore.CkptStoreError:
+            return None
+        for i, (step, commit_id, epoch) in enumerate(self._committed):
+            if last_sweep > epoch:
+                del self._committed[i]
+                return step, commit_id
+        return None
 
     def overwriter(self) -> None:
         self.wait_quiet()
@@ -1215,6 +1258,8 @@ def _tally(cfg: SoakConfig, ops: list[_Op], lifecycle: list[dict[str, Any]], eve
         "loads_checked": sum(1 for op in ok.get("load", []) if op.end and op.end.get("checked")),
         "dcp_loads_checked": sum(1 for op in ok.get("load", []) if op.end and op.end.get("checked")
                                  and op.end.get("dcp")),
+        "dcp_loads_after_sweep": sum(1 for op in ok.get("load", []) if op.end and op.end.get("checked")
+                                     and op.end.get("dcp") and op.begin.get("swept_after") == op.end["commit_id"]),
         "chunks_saved": sum(int(s.get("chunks", 0)) for s in saves),
         "chunks_deduplicated": sum(int(s.get("chunks", 0)) - int(s.get("new_chunks", 0)) for s in saves),
         "gc_runs": sum(outcomes.get("gc", Counter()).values()),
@@ -1267,7 +1312,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"({c['overwrites_replacing']} replacing a step), "
         f"retention saves {c['retention_saves']} (deleted {c['retention_deleted']} steps), rms {c['rms']}, "
         f"tags {c['tags']} (+{c['tags_refused']} refused: the step's data went away), untags {c['untags']}, "
-        f"loads checked {c['loads_checked']} ({c.get('dcp_loads_checked', 0)} of DCP steps; "
+        f"loads checked {c['loads_checked']} ({c.get('dcp_loads_checked', 0)} of DCP steps, "
+        f"{c.get('dcp_loads_after_sweep', 0)} of them a DCP saver's commit a gc swept after; "
         f"+{c['loads_raced']} raced a delete)",
         f"chunks: {c['chunks_saved']} in committed saves, {c['chunks_deduplicated']} of them deduplicated",
         f"gc: {c['gc_runs']} runs: {c['gc_swept']} swept, {c['gc_stood_down']} stood down, {c['gc_busy']} busy, "
