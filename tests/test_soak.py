@@ -37,7 +37,7 @@ from ckptstore.testing.soak import (
     states_equal,
 )
 
-SECONDS = 60
+SECONDS = 90  # long enough that every kind of operation happens, at 6.5 s quiet windows every 10 s
 
 
 # -- the parts ---------------------------------------------------------------------------------

@@ -126,9 +126,14 @@ def write_ranks(store: Any, step: int, model: Model, ranks: int, data: DataFn, *
     plans = writers[0].prepare_global_plan(plans)
     results = []
     planner = _Planner(data)
-    for writer, plan in zip(writers, plans, strict=True):
-        future = writer.write_data(plan, planner)  # type: ignore[arg-type]
-        results.append(future.value())
+    try:
+        for writer, plan in zip(writers, plans, strict=True):
+            future = writer.write_data(plan, planner)  # type: ignore[arg-type]
+            results.append(future.value())
+    except BaseException:  # DCP aborts the save: no finish will delete the leases handed over
+        for writer in writers:
+            writer.release(abandon=True)
+        raise
     return SimulatedSave(metadata, plans, results, writers)
 
 

@@ -14,7 +14,7 @@ each with its own role:
   tensors, a small-tensor pack drawn from another pool, and one tensor of its own. Chunks of
   deleted steps therefore recur in new saves: saves deduplicate against garbage that a gc
   may be sweeping at that moment. The seed goes into the save's `metadata`.
-- DCP savers (`--dcp-savers`, 1): create-only saves on steps of the same range through the
+- DCP savers (`--dcp-savers`, 2): create-only saves on steps of the same range through the
   real `ckptstore.dcp.StoreWriter`, 2 simulated ranks in one process
   (`ckptstore.testing.dcpsim.save`: each rank's write_data in turn, then rank 0's finish), so
   the step is a manifest version 2 root with one part per rank and a chunk table
@@ -41,12 +41,17 @@ wrapped in `RandomFaultBackend`: each request of every kind (get, ranged get, re
 list, put, delete, staging cleanup) fails with a TransientError with probability
 `--fault-rate`, before it reaches the server or, for puts and deletes, after it landed (the
 ambiguous outcome of a timed-out request); a list can also fail part-way. Now and then a
-"storm" raises the rate to `--storm-rate` for a second or so, so that some errors outlast
-`--retries` (2, fewer than the library's default) and reach ckptstore's own code. Saves,
-overwrites, retention and loads pause together for `--quiet-for` s every `--quiet-every` s (once
-their current operation ends), so that gc finds windows without leases and sweeps; tags,
-untags and rms do not pause. The orchestrator SIGKILLs a random worker every 1-4 s
-(`--kill-min`/`--kill-max`) and starts it again (a new process, clock and seed).
+"storm" (`--storm-chance` a second per worker, 0.1) raises the rate to `--storm-rate` for a
+second or so, so that some errors outlast `--retries` (2, fewer than the library's default) and
+reach ckptstore's own code. Saves, overwrites, retention and loads pause together for
+`--quiet-for` s (6.5) every `--quiet-every` s (10) (once their current operation ends), so that
+gc finds windows without leases and sweeps; tags, untags and rms do not pause. The
+orchestrator SIGKILLs a random worker every 1-4 s (`--kill-min`/`--kill-max`) and starts it
+again (a new process, clock and seed), outside the quiet windows (a kill due inside one waits
+for its end). A killed worker's lease stays fresh for up to `--lease-ttl` (5 s), so a window
+shorter than that, or one a kill can land in, often has a fresh lease all through it and gc
+stands down: with 2 s windows every 5 s, kills in them and storms by request, a 60 s run on a
+loaded 2-core machine swept 0 times.
 
 Journal: each worker process appends JSON lines to `WORKDIR/journal/<slot>-<incarnation>.jsonl`,
 each written with one `write` and fsynced: a `begin` line before each operation (what it is
@@ -91,6 +96,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import random
 import re
@@ -175,25 +181,29 @@ class SoakConfig:
     seed: int | None = None
     workdir: str = ""
     savers: int = 2
-    dcp_savers: int = 1
+    dcp_savers: int = 2
     overwriters: int = 1
     taggers: int = 1
     janitors: int = 1
     collectors: int = 1
     lease_ttl: float = 5.0
     fault_rate: float = 0.03
-    storm_chance: float = 0.002  # per request, when no storm is on
+    storm_chance: float = 0.1  # storms a second, per worker (not per request: see RandomFaultBackend)
     storm_rate: float = 0.6
     retries: int = 2
     skew: float = 3600.0
     kill_min: float = 1.0
     kill_max: float = 4.0
-    quiet_every: float = 5.0
-    quiet_for: float = 2.0
+    quiet_every: float = 10.0
+    quiet_for: float = 6.5  # longer than lease_ttl: a killed worker's lease goes stale inside it
     steps: int = 32
     keep_last_max: int = 6
     threads: int = 4
     grace: float = 60.0
+
+    def in_quiet_window(self, now: float) -> bool:
+        """Whether real time `now` falls in a quiet window (the same for every worker)."""
+        return now % self.quiet_every < self.quiet_for
 
     def slots(self) -> list[tuple[str, str]]:
         """(slot name, role) of every worker."""
@@ -389,8 +399,8 @@ def check_dcp_objects(store: ckptstore.Store, digest: str) -> tuple[int, list[st
 class RandomFaultBackend(ForwardingBackend):
     """Fails random requests with TransientError; put it *under* the retry layer.
 
-    Each request fails with probability `rate` (`storm_rate` during a storm; a storm of
-    `storm_seconds` starts with probability `storm_chance` per request): before it reaches
+    Each request fails with probability `rate` (`storm_rate` during a storm; storms of
+    `storm_seconds` start at `storm_chance` a second, judged at each request): before it reaches
     `inner`, or, for puts and deletes, half the time after it landed. A list fails at the call
     or after yielding a few keys. Thread-safe; `snapshot()` counts what was injected.
     """
@@ -404,6 +414,10 @@ class RandomFaultBackend(ForwardingBackend):
         self._lock = threading.Lock()
         self._injected: Counter[str] = Counter()
         self._storm_until = 0.0
+        # Storms come by time, not by request: gc makes ~600 requests a run (514 LISTs); one
+        # chance per request gave 70% of its runs a storm, which fails its listing (fail
+        # closed), so a 60 s soak on a loaded machine could end without a single sweep.
+        self._checked = time.monotonic()
 
     def snapshot(self) -> Counter[str]:
         """Faults injected so far, by "<operation> <when>" (and "storms")."""
@@ -414,7 +428,8 @@ class RandomFaultBackend(ForwardingBackend):
         """None (no fault), "before" or `after` (the request went through, then the caller fails)."""
         with self._lock:
             now = time.monotonic()
-            if now >= self._storm_until and self._rng.random() < self.storm_chance:
+            elapsed, self._checked = now - self._checked, now
+            if now >= self._storm_until and self._rng.random() < 1.0 - math.exp(-self.storm_chance * elapsed):
                 self._storm_until = now + self._rng.uniform(*self.storm_seconds)
                 self._injected["storms"] += 1
             if self._rng.random() >= (self.storm_rate if now < self._storm_until else self.rate):
@@ -615,8 +630,9 @@ class Worker:
     # -- helpers -----------------------------------------------------------------------------
     def wait_quiet(self) -> None:
         """Sleep through the quiet part of the cycle (the same for every worker: real time)."""
-        phase = _REAL_TIME() % self.cfg.quiet_every
-        if phase < self.cfg.quiet_for:
+        now = _REAL_TIME()
+        if self.cfg.in_quiet_window(now):
+            phase = now % self.cfg.quiet_every
             time.sleep(self.cfg.quiet_for - phase + self.rng.uniform(0, 0.1))
 
     def pause(self) -> None:
@@ -958,6 +974,9 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
             time.sleep(max(0.0, min(0.2, next_kill - now, orchestra.deadline - now)))
             orchestra.reap_crashed()
             if _REAL_TIME() >= next_kill and _REAL_TIME() < orchestra.deadline - 1.0:
+                if cfg.in_quiet_window(_REAL_TIME()):  # keep the window free of fresh leases
+                    next_kill = _REAL_TIME() + 0.2
+                    continue
                 slot = orchestra.rng.choice(sorted(orchestra.running))
                 orchestra.kill(slot, "kill")
                 orchestra.spawn(slot, orchestra.running[slot].role)
