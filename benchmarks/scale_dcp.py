@@ -12,7 +12,14 @@ Measured (each phase after a peak-RSS reset, through benchmarks.scale_op's count
   the root (or v1 manifest) size;
 - metadata: one rank's read_metadata: wall, bytes read, requests (every rank does the same);
 - parts: for ranks 0, R/2, R-1, the parts their plans (the saved sharding) need: requests,
-  bytes, and that every planned item is found ("loads").
+  bytes, and that every planned item is found ("loads");
+- resave: the whole DCP save of the same data again (step 2: every rank's prepare_local_plan,
+  the coordinator's prepare_global_plan, every rank's write_data, finish), all requests. With
+  one-element stand-ins the step has few chunks, so requests per chunk are computed against
+  the chunk count the real 840 GB would have (`real_chunks`: the real shard sizes through the
+  real `plan_chunks`, for the local default chunk size and for S3's): valid because a re-save
+  of unchanged data makes no request per data chunk, which the phase checks (no chunk put, and
+  chunk reads and heads only of parts and tables).
 --code-root runs the same against another checkout (the "before"): dcpsim is loaded from
 this tree's file, and uses whatever `ckptstore.dcp` the checkout has.
 """
@@ -25,6 +32,7 @@ import json
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,8 @@ FINISH_S = 10.0
 FINISH_EXTRA_MIB = 1024.0
 METADATA_S = 2.0
 METADATA_MIB = 16.0
+RESAVE_PER_CHUNK = 0.1
+S3_DELETE_BATCH = 1000  # DeleteObjects keys a request (memory:// counts batches of 100)
 
 
 def _dcpsim() -> Any:
@@ -69,6 +79,25 @@ def _measured(fn: Any, counting: Any) -> dict[str, Any]:
     out["extra_rss_mib"] = out["peak_rss_mib"] - out["rss_before_mib"]
     out.update(summary(counting))
     return out
+
+
+def real_chunks(model: Any, ranks: int, chunk_size: int | None, sim: Any) -> int:
+    """Chunks the real step would have: each rank's real shard sizes through plan_chunks with the
+    default policy for `chunk_size` (None: the local default)."""
+    import torch
+
+    from ckptstore.chunking import ChunkingPolicy, plan_chunks
+
+    policy = ChunkingPolicy() if chunk_size is None else ChunkingPolicy(chunk_size=chunk_size)
+    total = 0
+    for rank in range(ranks):
+        sizes = []
+        for shape, dtype in model.values():
+            found = sim.shard(shape, rank, ranks)
+            if found is not None:
+                sizes.append(torch.Size(found[1]).numel() * torch.empty((), dtype=dtype).element_size())
+        total += len(plan_chunks(sizes, policy).chunks)
+    return total
 
 
 def run(ranks: int, code_root: str = "") -> dict[str, Any]:
@@ -138,6 +167,41 @@ def run(ranks: int, code_root: str = "") -> dict[str, Any]:
         row = _measured(parts, reader_counting)
         row["rank"] = rank
         out["parts"].append(row)
+
+    # A re-save of the same data: the whole DCP save of step 2, planning included. A gc has run
+    # before (not counted), as in any store that lives: the epoch exists, so reading it is a
+    # head and a get.
+    store.gc(min_age=3600)
+    step1 = store.manifest_object(digest)
+    blob_keys = {f"chunks/{b.digest[:2]}/{b.digest}" for b in getattr(step1, "blobs", ())}
+    from ckptstore.testing.wrappers import CountingBackend
+
+    def resave() -> dict[str, Any]:
+        done = sim.write_ranks(store, 2, model, ranks, tiny)
+        try:
+            done.writers[0].finish(done.metadata, done.results)
+        finally:
+            for writer in done.writers:
+                writer.release()
+        return {"chunks": getattr(step1, "chunks", 0)}
+
+    memory = counting.inner
+    logged = counting.inner = CountingBackend(memory)  # which keys, not only prefixes (few: a re-save)
+    try:
+        out["resave"] = _measured(resave, counting)
+    finally:
+        counting.inner = memory
+    chunk_log = [(op, key) for op, key in logged.log if key.startswith("chunks/") and op in ("put", "head", "get")]
+    if out["resave"]["ok"]:
+        step2 = store.manifest_object(store.ref(2).manifest)
+        new_blobs = {f"chunks/{b.digest[:2]}/{b.digest}" for b in getattr(step2, "blobs", ())}
+        out["resave"]["data_chunk_requests"] = sum(1 for _, key in chunk_log if key not in blob_keys | new_blobs)
+        out["resave"]["chunk_puts"] = sum(1 for op, _ in chunk_log if op == "put")
+        out["resave"]["chunk_requests"] = dict(Counter(op for op, _ in chunk_log))
+        leases = out["resave"]["delete_keys"]
+        out["resave"]["s3_delete_requests"] = -(-leases // S3_DELETE_BATCH) if leases else 0
+        out["real_chunks"] = {"local": real_chunks(model, ranks, None, sim),
+                              "s3": real_chunks(model, ranks, 64 * 2**20, sim)}
     return out
 
 
@@ -182,6 +246,26 @@ def rows_from(m: dict[str, Any], code: str) -> list[Any]:
                          md["wall_s"] if md["ok"] else float("inf"), METADATA_S, f"<= {METADATA_S:.0f} s"))
         out.append(check(row("read_metadata bytes", md), md["bytes_read"] / 2**20 if md["ok"] else float("inf"),
                          METADATA_MIB, f"<= {METADATA_MIB:.0f} MiB read"))
+    if "resave" in m:
+        rs = m["resave"]
+        ok = rs["ok"] and rs.get("data_chunk_requests") == 0 and rs.get("chunk_puts") == 0
+        total = rs["total_requests"]
+        s3_total = total - rs["delete_requests"] + rs.get("s3_delete_requests", 0)
+        real = m.get("real_chunks", {})
+        per_rank = total / ranks
+        note = (f"{total} requests ({per_rank:.2f} a rank), {rs.get('data_chunk_requests')} on data chunks, "
+                f"{rs.get('chunk_puts')} chunk puts; stand-in step {rs.get('result', {}).get('chunks')} chunks")
+        if not ok and rs["ok"]:
+            note = "FAILED: a re-save touched data chunks; " + note
+        out.append(check(row("re-save, unchanged data (local chunk size)", rs,
+                             note + f"; real step {real.get('local', 0):,} chunks (16 MiB chunks, 4 MiB packs)"),
+                         total / real["local"] if ok and real.get("local") else float("inf"),
+                         RESAVE_PER_CHUNK, f"<= {RESAVE_PER_CHUNK} requests a chunk"))
+        out.append(check(row("re-save, unchanged data (S3 chunk size)", rs,
+                             f"{s3_total} requests with DeleteObjects batches of {S3_DELETE_BATCH}; real step "
+                             f"{real.get('s3', 0):,} chunks (64 MiB chunks, 16 MiB packs)"),
+                         s3_total / real["s3"] if ok and real.get("s3") else float("inf"),
+                         RESAVE_PER_CHUNK, f"<= {RESAVE_PER_CHUNK} requests a chunk"))
     for p in m.get("parts", []):
         res = p.get("result") or {}
         loads = p["ok"] and res.get("found") == res.get("planned")
