@@ -164,18 +164,29 @@ class Backend(abc.ABC):
                 failures.append((key, exc))
         return failures
 
+    @staticmethod
+    def _check_small(key: str, size: int, limit: int, *, read: bool = False) -> None:
+        """FormatError when an object that must be small (`get_small`) is `size` > `limit` bytes
+        (`read`: `size` is what a bounded read returned, so the object has at least that)."""
+        if size > limit:
+            raise FormatError(f"{key} is {'at least ' if read else ''}{size} bytes, "
+                              f"over the {limit}-byte limit for this kind of object")
+
     def get_small(self, key: str, limit: int) -> GetResult:
         """A small object (ref, marker, lock) and its version, never reading more than `limit` + 1
         bytes: a whole get has no size bound, and anyone with write access could plant a huge
         object at such a key. Raises ObjectNotFoundError, or FormatError above `limit`.
 
-        The version comes from a head before the bounded read. If the object is replaced in
-        between, the bytes are newer than the version, so a compare-and-swap against that
-        version fails (a conflict) and never clobbers.
+        The version is exactly what `head(key).version` reports for the same object, usable for
+        the compare-and-swap puts and deletes. S3, GCS, local and memory override this with ONE
+        read whose bytes and version describe the same object generation (atomic). This default,
+        for other backends (and for test wrappers that intercept head or get_range), takes the
+        version from a head before the bounded read: if the object is replaced in between, the
+        bytes are newer than the version, so a compare-and-swap against that version fails (a
+        conflict) and never clobbers.
         """
         info = self.head(key)
-        if info.size > limit:
-            raise FormatError(f"{key} is {info.size} bytes, over the {limit}-byte limit for this kind of object")
+        self._check_small(key, info.size, limit)
         data = self.get_range(key, 0, limit + 1)
         if len(data) > limit:
             raise FormatError(f"{key} grew past the {limit}-byte limit for this kind of object")

@@ -471,6 +471,28 @@ class GCSBackend(Backend):
                 # 416: `start` is at or past the end (any range of an empty object, too).
                 return b""
 
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """One ranged download of bytes [0, `limit`]: the generation comes from the same response
+        (X-Goog-Generation, stored into the Blob by the library, as in `get`), so bytes and
+        version describe the same object generation, and at most `limit` + 1 bytes are read. An
+        empty object has no satisfiable range (416): a head then describes it whole."""
+        from google.api_core.exceptions import RequestRangeNotSatisfiable
+
+        blob = self._blob(key)
+        with self._errors(key, "get_small"):
+            try:
+                data = bytes(blob.download_as_bytes(start=0, end=limit, raw_download=True, checksum=None,
+                                                    timeout=self._timeouts(), retry=self._call_retry()))
+            except RequestRangeNotSatisfiable:
+                data = None
+        if data is not None:
+            self._check_small(key, len(data), limit, read=True)
+            return GetResult(data, self._generation_of(blob, key, "get_small"))
+        info = self.head(key)  # 416: empty (a missing key was a 404 above)
+        if info.size == 0:
+            return GetResult(b"", info.version)
+        return super().get_small(key, limit)  # written since the 416: a head, then a bounded read
+
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")

@@ -49,10 +49,13 @@ _LOCK_STRIPES = 256
 _HASHED_VERSION_LIMIT = 64 * 1024
 
 
-def _version(fd: int, st: os.stat_result) -> str:
+def _version(fd: int, st: os.stat_result, data: bytes | None = None) -> str:
+    """The version of the file open at `fd` (stat `st`); `data`: its whole content, when the
+    caller has already read it from the same fd (not read again)."""
     version = f"{st.st_ino}.{st.st_mtime_ns}.{st.st_size}"
     if st.st_size <= _HASHED_VERSION_LIMIT:
-        version += f".{zlib.crc32(os.pread(fd, st.st_size, 0)):08x}"
+        content = data if data is not None and len(data) == st.st_size else os.pread(fd, st.st_size, 0)
+        version += f".{zlib.crc32(content):08x}"
     return version
 
 
@@ -178,6 +181,20 @@ class LocalBackend(Backend):
                 st = os.fstat(fd)
                 data = _read_exact(fd, 0, st.st_size)
                 return GetResult(data, _version(fd, st))
+            finally:
+                os.close(fd)
+
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """Bytes and version from one open file (puts publish new inodes by rename, so an open
+        file's content never changes): the same object state, like one request."""
+        path = self._path(key)
+        with _translate(key, "get_small"):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                st = os.fstat(fd)
+                self._check_small(key, st.st_size, limit)
+                data = _read_exact(fd, 0, st.st_size)
+                return GetResult(data, _version(fd, st, data))
             finally:
                 os.close(fd)
 

@@ -53,6 +53,13 @@ class MemoryBackend(Backend):
             data, _, _ = self._entry(key, "get_range")
         return data[start:start + length]
 
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """Bytes and version of one entry, taken under the lock: the same object state."""
+        with self._lock:
+            data, version, _ = self._entry(key, "get_small")
+        self._check_small(key, len(data), limit)
+        return GetResult(data, version)
+
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
         validate_key(key)
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data

@@ -197,6 +197,16 @@ def _botocore_session() -> Any:
     return session
 
 
+def _total_size(response: dict[str, Any]) -> int:
+    """The whole object's size from a GetObject answer: Content-Range's total ("bytes 0-N/TOTAL")
+    for a ranged one, Content-Length for a whole one (a server that ignored the range)."""
+    content_range = str(response.get("ContentRange") or "")
+    total = content_range.rpartition("/")[2]
+    if total.isdigit():
+        return int(total)
+    return int(response.get("ContentLength") or 0)
+
+
 def _slice_parts(parts: Sequence[Buffer], start: int, length: int) -> list[memoryview]:
     """Views of the bytes [start, start + length) of the concatenated `parts`, without copying."""
     out = []
@@ -351,6 +361,35 @@ class S3Backend(Backend):
                     return b""
                 raise
             return response["Body"].read()
+
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """One GetObject with `Range: bytes=0-<limit>`: the ETag (the version head reports; a
+        ranged GET carries the whole object's) and the bytes come from one response, so they
+        describe the same object. The total size in Content-Range tells an object over `limit`
+        without reading it, and never more than `limit` + 1 bytes are read from the body (even
+        from a server that ignored the range). An empty object has no satisfiable range (416
+        InvalidRange): a head then describes it whole."""
+        with self._errors(key, "get_small"):
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=self._name(key), Range=f"bytes=0-{limit}")
+            except Exception as exc:
+                if _error_code(exc)[0] != "InvalidRange":
+                    raise
+                response = None
+            if response is not None:
+                body = response["Body"]
+                try:
+                    self._check_small(key, _total_size(response), limit)
+                    data = body.read(limit + 1)
+                    self._check_small(key, len(data), limit, read=True)
+                except BaseException:
+                    body.close()  # drop the rest unread (and the connection with it)
+                    raise
+                return GetResult(data, response["ETag"])
+        info = self.head(key)  # 416: empty (or gone: ObjectNotFoundError)
+        if info.size == 0:
+            return GetResult(b"", info.version)
+        return super().get_small(key, limit)  # written since the 416: a head, then a bounded read
 
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         wanted = sum(b.nbytes for b in buffers)

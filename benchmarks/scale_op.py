@@ -124,6 +124,12 @@ def counting_backend(inner: Any) -> Any:
             self._add("get", read=len(data))
             return data
 
+        def get_small(self, key: str, limit: int) -> Any:  # one request: bytes and version together
+            self._key("get", key)
+            result = self.inner.get_small(key, limit)
+            self._add("get", read=len(result.data))
+            return result
+
         def read_into(self, key: str, start: int, buffers: Any) -> int:
             self._key("get", key)
             n = super().read_into(key, start, buffers)

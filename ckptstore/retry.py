@@ -175,6 +175,10 @@ class RetryingBackend(Backend):
         # A failed try may have filled part of the buffers; the next one overwrites them.
         return self._retrying("read_into", key, lambda _: self.inner.read_into(key, start, buffers))
 
+    def get_small(self, key: str, limit: int) -> GetResult:
+        # One read (bytes and version together) retried whole; FormatError is never retried.
+        return self._retrying("get_small", key, lambda _: self.inner.get_small(key, limit))
+
     def head(self, key: str) -> ObjectInfo:
         return self._retrying("head", key, lambda _: self.inner.head(key))
 

@@ -306,3 +306,40 @@ def test_unused_fault_never_fires() -> None:
     backend.put("k", b"v", mode=OVERWRITE)
     backend.delete("k")
     assert backend.fired(fault) == 0
+
+
+# -- get_small: one operation through the wrappers -----------------------------------------------
+
+def test_get_small_is_one_operation_through_the_wrappers() -> None:
+    """A store's bounded read of a ref is ONE call of the inner backend's get_small through the
+    retrying, fault-injecting and counting wrappers (one request on S3 and GCS), faulted and
+    retried as a whole; before, every wrapper saw a head and a get_range."""
+    inner = memory()
+    version = inner.put("refs/steps/1", b"ref")
+    fault = Fault("get_small", key=r"^refs/", times=1)
+    faulty = FaultInjectingBackend(inner, [fault])
+    counting = CountingBackend(faulty)
+    backend = RetryingBackend(counting, sleep=lambda _: None)
+    got = backend.get_small("refs/steps/1", 64)
+    assert (got.data, got.version) == (b"ref", version)
+    assert faulty.fired(fault) == 1
+    assert faulty.calls == [("get_small", "refs/steps/1")] * 2  # the faulted try and its retry
+    assert dict(counting.calls) == {("get", "refs"): 2}
+
+
+def test_a_fault_on_head_still_sees_get_small_as_a_head_and_a_bounded_read() -> None:
+    """Faults (and hooks) written for the head + get_range of get_small keep seeing those two calls."""
+    inner = memory()
+    inner.put("locks/epoch", b"epoch")
+    faulty = FaultInjectingBackend(inner, [Fault("head", key=r"^locks/epoch$", times=1)])
+    with pytest.raises(TransientError):
+        faulty.get_small("locks/epoch", 64)
+    assert faulty.get_small("locks/epoch", 64).data == b"epoch"
+    assert faulty.calls == [("head", "locks/epoch"), ("head", "locks/epoch"), ("get_range", "locks/epoch")]
+
+
+def test_truncate_on_get_small_returns_the_first_bytes() -> None:
+    inner = memory()
+    inner.put("refs/steps/1", b"0123456789")
+    faulty = FaultInjectingBackend(inner, [Fault("get_small", action="truncate", keep=4)])
+    assert faulty.get_small("refs/steps/1", 64).data == b"0123"

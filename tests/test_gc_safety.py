@@ -398,19 +398,19 @@ def _gc_between_epoch_reads(inner: Backend, case: str,
         resume.set()
         assert marked.wait(WAIT)
 
-    epoch_heads = 0
+    epoch_reads = 0
 
-    def at_epoch_read() -> None:  # before each head of locks/epoch (each epoch read starts with one)
-        nonlocal epoch_heads
-        epoch_heads += 1
-        if epoch_heads == 2 and case in ("running-at-first-read", "entirely-between"):
+    def at_epoch_read() -> None:  # before each read of locks/epoch (one get_small: bytes and version)
+        nonlocal epoch_reads
+        epoch_reads += 1
+        if epoch_reads == 2 and case in ("running-at-first-read", "entirely-between"):
             finish_gc()
 
     def after_epoch_read() -> None:
-        if epoch_heads == 2 and case == "running-at-second-read":
+        if epoch_reads == 2 and case == "running-at-second-read":
             let_gc_mark()
 
-    hooks = [Hook("head", r"^locks/epoch$", before=at_epoch_read, after=after_epoch_read, times=None)]
+    hooks = [Hook("get_small", r"^locks/epoch$", before=at_epoch_read, after=after_epoch_read, times=None)]
     if case == "running-at-first-read":
         start_gc()
     else:
@@ -473,18 +473,18 @@ def test_a_waiting_save_does_not_wait_for_a_gc_that_began_after_its_lease(space:
     g1 = _in_thread(lambda: _store(gc_views[0]).gc(min_age=0))
     assert listed[0].wait(WAIT)
     g2: list[tuple[threading.Thread, dict[str, Any]]] = []
-    epoch_heads = 0
+    epoch_reads = 0
 
     def at_epoch_read() -> None:
-        nonlocal epoch_heads
-        epoch_heads += 1
-        if epoch_heads == 3:  # the first look while waiting: G1 done, G2 running by now
+        nonlocal epoch_reads
+        epoch_reads += 1
+        if epoch_reads == 3:  # the first look while waiting: G1 done, G2 running by now
             resume[0].set()
             _result(*g1)
             g2.append(_in_thread(lambda: _store(gc_views[1]).gc(min_age=0)))
             assert listed[1].wait(WAIT)
 
-    view = HookBackend(inner, [Hook("head", r"^locks/epoch$", before=at_epoch_read, times=None)])
+    view = HookBackend(inner, [Hook("get_small", r"^locks/epoch$", before=at_epoch_read, times=None)])
     save = _in_thread(lambda: _store(view).save(2, _state(1)))
     save[0].join(10.0)
     finished_while_g2_ran = not save[0].is_alive()

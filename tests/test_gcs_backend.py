@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from ckptstore.backends.base import PutMode
+from ckptstore.backends.base import Backend, PutMode
 from ckptstore.backends.gcs import SIMPLE_UPLOAD_LIMIT, GCSBackend, translate_error
 from ckptstore.errors import (
     AlreadyExistsError,
@@ -29,7 +29,7 @@ from ckptstore.errors import (
     PreconditionFailedError,
     TransientError,
 )
-from ckptstore.testing.conformance import BackendConformance
+from ckptstore.testing.conformance import BackendConformance, RequestCounter
 from ckptstore.testing.servers import GCSServer
 
 PREFIX = "runs/exp-1"
@@ -72,6 +72,20 @@ class TestGCSBackend(BackendConformance):
         backend = GCSBackend(gcs_bucket, PREFIX, project=gcs_server.project, threads=self.race_threads)
         yield backend
         backend.close()
+
+    def request_counter(self, backend: Backend) -> RequestCounter:
+        """Every HTTP request of the backend's client session from now on (a requests response
+        hook) and the Content-Length of every answer to a GET (a download or a head)."""
+        assert isinstance(backend, GCSBackend)
+        counter = RequestCounter()
+
+        def answered(response: Any, *_: Any, **__: Any) -> None:
+            counter.sent(f"{response.request.method} {response.status_code} {response.url}")
+            if response.request.method == "GET":
+                counter.answered(int(response.headers.get("Content-Length", 0) or 0))
+
+        backend._client._http.hooks["response"].append(answered)
+        return counter
 
     # fake-gcs-server 1.54 ignores ifGenerationMatch on delete (TEST-SERVERS.md, checked again
     # for docs/INTEGRATION.md): a delete at a stale generation deletes. The backend still sends

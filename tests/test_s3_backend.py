@@ -14,9 +14,9 @@ import torch
 
 import ckptstore
 from ckptstore import errors
-from ckptstore.backends.base import CREATE, PutMode
+from ckptstore.backends.base import CREATE, Backend, PutMode
 from ckptstore.backends.s3 import S3Backend, translate_errors
-from ckptstore.testing.conformance import BackendConformance
+from ckptstore.testing.conformance import BackendConformance, RequestCounter
 from ckptstore.testing.servers import S3Server
 
 
@@ -31,6 +31,26 @@ class TestS3Backend(BackendConformance):
         backend = S3Backend(s3_bucket, f"conformance/{uuid.uuid4().hex[:8]}")
         yield backend
         backend.close()
+
+    def request_counter(self, backend: Backend) -> RequestCounter:
+        return count_s3_requests(backend)
+
+
+def count_s3_requests(backend: Backend) -> RequestCounter:
+    """Every HTTP request `backend` sends from now on (botocore's before-send, retries included)
+    and the Content-Length of every GetObject answer."""
+    assert isinstance(backend, S3Backend)
+    counter = RequestCounter()
+
+    def answered(http_response: Any = None, model: Any = None, **_: Any) -> None:
+        if model is not None and model.name == "GetObject":  # a head's Content-Length is no body
+            counter.answered(int(http_response.headers.get("Content-Length", 0) or 0))
+
+    for client in {id(c): c for c in (backend._client, backend._data_client)}.values():
+        client.meta.events.register("before-send.s3", lambda request, **_: counter.sent(
+            f"{request.method} {request.url} {request.headers.get('Range', b'')!r}"))
+        client.meta.events.register("after-call.s3", answered)
+    return counter
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ import pytest
 from ckptstore.backends.base import Backend, Buffer, ObjectInfo, PutMode
 from ckptstore.errors import (
     AlreadyExistsError,
+    FormatError,
     InvalidKeyError,
     ObjectNotFoundError,
     PreconditionFailedError,
@@ -59,6 +60,32 @@ INVALID_KEYS: tuple[Any, ...] = (
     "a\n",  # a regex `$` would accept a trailing newline
     "a/b\n",
 )
+
+
+class RequestCounter:
+    """Requests a backend sent and the body sizes (Content-Length) of the answers, fed by a
+    subclass's `request_counter` from its client's own hooks (boto3 events, requests hooks)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.answer_bytes: list[int] = []
+        self.log: list[str] = []  # what each request was, for the failure message
+        self._lock = threading.Lock()
+
+    def sent(self, what: str = "") -> None:
+        with self._lock:
+            self.requests += 1
+            self.log.append(what)
+
+    def answered(self, nbytes: int) -> None:
+        with self._lock:
+            self.answer_bytes.append(nbytes)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.answer_bytes.clear()
+            self.log.clear()
 
 
 class BackendConformance:
@@ -114,6 +141,11 @@ class BackendConformance:
         unexpected = [e for e in errors if not isinstance(e, loser_error)]
         assert not unexpected, f"losers must raise {loser_error.__name__}, got {unexpected!r}"
         return winners, errors
+
+    def request_counter(self, backend: Backend) -> RequestCounter | None:
+        """A RequestCounter that `backend`'s requests from now on feed, for the tests that count
+        them; None (this default: local and memory send none) skips those tests."""
+        return None
 
     # -- canaries: the two guarantees a checkpoint commit stands on ----------------------------
 
@@ -796,3 +828,77 @@ class BackendConformance:
         winners, _ = self.split_race(outcomes, PreconditionFailedError)
         assert len(winners) == len(outcomes)
         assert int(backend.get(key).data.split(b" ")[0]) == per_thread * len(outcomes)
+
+    # -- get_small: the bounded read of refs, the gc epoch, locks and the marker -----------------
+
+    def test_get_small_returns_the_bytes_and_heads_version(self, backend: Backend) -> None:
+        backend.put("small/ref", b"step 1")
+        got = backend.get_small("small/ref", 64)
+        assert got.data == b"step 1" and got.version == backend.head("small/ref").version
+        backend.put("small/ref", b"step 2, longer")
+        again = backend.get_small("small/ref", 64)
+        assert again.data == b"step 2, longer" and again.version == backend.head("small/ref").version
+        assert again.version == backend.get("small/ref").version
+
+    def test_get_small_of_a_missing_key_raises_not_found(self, backend: Backend) -> None:
+        with pytest.raises(ObjectNotFoundError):
+            backend.get_small("small/missing", 64)
+        backend.put("small/present", b"x")
+        with pytest.raises(ObjectNotFoundError):
+            backend.get_small("small/present/below", 64)
+
+    def test_get_small_of_an_empty_object(self, backend: Backend) -> None:
+        """A range of an empty object is unsatisfiable on S3 and GCS (416): still its bytes and
+        version, and the version serves a compare-and-swap."""
+        backend.put("small/empty", b"")
+        got = backend.get_small("small/empty", 64)
+        assert got.data == b"" and got.version == backend.head("small/empty").version
+        backend.put("small/empty", b"filled", mode=PutMode.update(got.version))
+        assert backend.get_small("small/empty", 64).data == b"filled"
+
+    def test_get_small_up_to_the_limit_and_over_it(self, backend: Backend) -> None:
+        backend.put("small/at", b"a" * 100)
+        assert backend.get_small("small/at", 100).data == b"a" * 100
+        backend.put("small/over", b"a" * 101)
+        with pytest.raises(FormatError, match="over the 100-byte limit"):
+            backend.get_small("small/over", 100)
+
+    def test_get_small_of_a_planted_huge_object_reads_at_most_limit_plus_one(self, backend: Backend) -> None:
+        """Anyone with write access can plant a huge object at a ref's key: get_small refuses it
+        (FormatError) after one request whose answer carries at most `limit` + 1 bytes."""
+        backend.put("small/huge", bytes(4 << 20))
+        counter = self.request_counter(backend)
+        with pytest.raises(FormatError, match="over the 100-byte limit"):
+            backend.get_small("small/huge", 100)
+        if counter is not None:
+            assert counter.requests == 1, counter.log
+            assert all(n <= 101 for n in counter.answer_bytes), counter.answer_bytes
+
+    def test_get_small_is_one_request(self, backend: Backend) -> None:
+        backend.put("small/ref", b"step 1")
+        counter = self.request_counter(backend)
+        if counter is None:
+            pytest.skip("this backend sends no requests")
+        got = backend.get_small("small/ref", 64)
+        assert got.data == b"step 1" and counter.requests == 1, counter.log
+        counter.reset()
+        with pytest.raises(ObjectNotFoundError):
+            backend.get_small("small/missing", 64)
+        assert counter.requests == 1, counter.log
+
+    def test_get_small_version_serves_compare_and_swap(self, backend: Backend) -> None:
+        """The version get_small returns works as a head's does for conditional puts and deletes,
+        and goes stale when another writer replaces the object."""
+        backend.put("small/ref", b"v1", mode=PutMode.CREATE)
+        first = backend.get_small("small/ref", 64)
+        backend.put("small/ref", b"v2", mode=PutMode.update(first.version))
+        second = backend.get_small("small/ref", 64)
+        assert second.data == b"v2" and second.version != first.version
+        backend.put("small/ref", b"v3 by another writer")  # a concurrent replace
+        with pytest.raises(PreconditionFailedError):
+            backend.put("small/ref", b"v3 by us", mode=PutMode.update(second.version))
+        assert backend.get("small/ref").data == b"v3 by another writer"
+        third = backend.get_small("small/ref", 64)
+        backend.delete("small/ref", version=third.version)
+        with pytest.raises(ObjectNotFoundError):
+            backend.head("small/ref")

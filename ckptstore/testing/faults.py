@@ -19,7 +19,10 @@ Wrap any backend and describe what should go wrong with `Fault` values::
 Matching: a fault matches a call when its `op` names the operation (or is "*") and its
 `key` regex is found (`re.search`) in the key (for `list`, the prefix; for
 `cleanup_staging`, the empty string). `exists` is an operation of its own: it calls the
-inner backend's `exists`, so a fault on "head" does not see it. Faults are checked in the
+inner backend's `exists`, so a fault on "head" does not see it. So is `get_small` (the
+bounded read of refs, the gc epoch, locks and the marker: one request on S3 and GCS),
+except on a key that a fault on "head" or "get_range" (or "*") matches: there it is that
+head and bounded get_range, each faulted as before. Faults are checked in the
 order they were added; the first one that matches *and still has calls left to affect* acts.
 Every matching call counts towards `skip`, whether or not an earlier fault acted on it.
 
@@ -53,11 +56,12 @@ from ckptstore.testing.wrappers import ForwardingBackend
 
 __all__ = ["ACTIONS", "OPERATIONS", "Fault", "FaultInjectingBackend"]
 
-OPERATIONS = ("get", "get_range", "read_into", "put", "head", "exists", "list", "delete", "cleanup_staging")
+OPERATIONS = ("get", "get_range", "get_small", "read_into", "put", "head", "exists", "list", "delete",
+              "cleanup_staging")
 ACTIONS = ("fail", "delay", "hang", "truncate", "apply_then_fail", "kill_before", "kill_after")
 
 # Operations a truncate can lie about (the others carry no payload).
-_TRUNCATABLE = ("get", "get_range", "read_into", "put")
+_TRUNCATABLE = ("get", "get_range", "get_small", "read_into", "put")
 
 T = TypeVar("T")
 
@@ -194,6 +198,17 @@ class FaultInjectingBackend(ForwardingBackend):
             data = self.inner.get_range(key, start, length)
             return data[:fault.keep] if fault else data
         return self._run("get_range", key, call)
+
+    def get_small(self, key: str, limit: int) -> GetResult:
+        with self._lock:
+            split = any(f.matches(op, key) for f in self.faults for op in ("head", "get_range"))
+        if split:  # the faults on head / get_range see the two calls Backend.get_small makes
+            return Backend.get_small(self, key, limit)
+
+        def call(fault: Fault | None) -> GetResult:
+            result = self.inner.get_small(key, limit)
+            return GetResult(result.data[:fault.keep], result.version) if fault else result
+        return self._run("get_small", key, call)
 
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         def call(fault: Fault | None) -> int:

@@ -13,6 +13,15 @@ from collections.abc import Callable, Iterator, Sequence
 from ckptstore.backends.base import OVERWRITE, Backend, Buffer, GetResult, ObjectInfo, PutMode
 
 
+def intercepts_small_reads(wrapper: Backend) -> bool:
+    """Whether `wrapper`'s class overrides ForwardingBackend's `head` or `get_range` (the two
+    calls of `Backend.get_small`) without overriding `get_small` itself."""
+    cls = type(wrapper)
+    if cls.get_small is not ForwardingBackend.get_small:
+        return False
+    return cls.head is not ForwardingBackend.head or cls.get_range is not ForwardingBackend.get_range
+
+
 class ForwardingBackend(Backend):
     """Passes every operation to `inner` unchanged."""
 
@@ -29,6 +38,14 @@ class ForwardingBackend(Backend):
 
     def read_into(self, key: str, start: int, buffers: Sequence[memoryview]) -> int:
         return self.inner.read_into(key, start, buffers)
+
+    def get_small(self, key: str, limit: int) -> GetResult:
+        """The inner backend's own get_small (one request on S3 and GCS), unless this wrapper
+        intercepts `head` or `get_range`: then it is that head and bounded read through this
+        wrapper (`Backend.get_small`), so what a subclass does to either still applies."""
+        if intercepts_small_reads(self):
+            return Backend.get_small(self, key, limit)
+        return self.inner.get_small(key, limit)
 
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
         return self.inner.put(key, data, mode=mode)
@@ -88,6 +105,12 @@ class CountingBackend(ForwardingBackend):
         self._read(key, n)
         return n
 
+    def get_small(self, key: str, limit: int) -> GetResult:
+        self._count("get", key)  # one request where the inner backend reads bytes and version at once
+        result = self.inner.get_small(key, limit)
+        self._read(key, len(result.data))
+        return result
+
     def put(self, key: str, data: Buffer | Sequence[Buffer], *, mode: PutMode = OVERWRITE) -> str:
         self._count("put", key)
         return super().put(key, data, mode=mode)
@@ -133,7 +156,9 @@ class GatedDeleteBackend(ForwardingBackend):
 
 
 class HeadHookBackend(ForwardingBackend):
-    """Calls `after()` once, right after the first head of `key` returns."""
+    """Calls `after()` once, right after the first head of `key` returns. It intercepts head, so
+    its get_small is a head and then a bounded read (`ForwardingBackend.get_small`): `after` can
+    replace the object between the two, as on a backend without a single-request get_small."""
 
     def __init__(self, inner: Backend, *, key: str, after: Callable[[], None]):
         super().__init__(inner)
