@@ -63,21 +63,29 @@ INVALID_KEYS: tuple[Any, ...] = (
 
 
 class RequestCounter:
-    """Requests a backend sent and the body sizes (Content-Length) of the answers, fed by a
-    subclass's `request_counter` from its client's own hooks (boto3 events, requests hooks)."""
+    """Requests a backend sent on the thread that made this counter (the test's) and the body
+    sizes (Content-Length) of their answers, fed by a subclass's `request_counter` from its
+    client's own hooks (boto3 events, requests hooks). Requests a library sends from threads
+    of its own are not the operation's: google-cloud-storage 3.17 fetches a bucket's metadata
+    in the background on a client's first use, and checks that the bucket exists after a 404."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.answer_bytes: list[int] = []
         self.log: list[str] = []  # what each request was, for the failure message
+        self._thread = threading.get_ident()
         self._lock = threading.Lock()
 
     def sent(self, what: str = "") -> None:
+        if threading.get_ident() != self._thread:
+            return
         with self._lock:
             self.requests += 1
             self.log.append(what)
 
     def answered(self, nbytes: int) -> None:
+        if threading.get_ident() != self._thread:
+            return
         with self._lock:
             self.answer_bytes.append(nbytes)
 
