@@ -31,7 +31,7 @@ def read_ref(backend: Backend, key: str) -> tuple[Ref, str] | None:
     """The ref at `key` and its version, or None if absent. Raises FormatError.
 
     Never reads more than MAX_REF_BYTES + 1 bytes, whatever is planted at `key`
-    (Backend.get_small: a head for the version, then a bounded ranged get).
+    (Backend.get_small: one bounded ranged get that returns the version too).
     """
     try:
         result = backend.get_small(key, MAX_REF_BYTES)
