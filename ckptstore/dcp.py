@@ -646,9 +646,10 @@ class StoreWriter(StorageWriter):
                 described.append((KIND_TORCH, src.dtype, src.shape))
                 keepalive.append(src.keepalive)
         chunk_plan = plan_chunks([s.nbytes for s in sources], self.store.chunking)
-        known, previous_part = ({}, None) if handoff is None else known_from_handoff(self.store, handoff)
         if handoff is None:
-            known = self._previous_chunks()
+            known, previous_part = self._previous_chunks(), None
+        else:
+            known, previous_part = known_from_handoff(self.store, handoff)
         writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
                              elements=elements, known=known)
         written = writer.write(chunk_plan, sources)
