@@ -321,7 +321,9 @@ def _fill_unshuffled(reader: Any, target: memoryview, element_size: int) -> None
     count = target.nbytes // element_size
     whole = count * element_size
     elements = np.frombuffer(target, np.uint8)[:whole].reshape(count, element_size)
-    scratch = bytearray(min(count, UNSHUFFLE_BLOCK))
+    # At least one byte: a target shorter than one element (count 0) must not make the
+    # block size, the step of the loop below, zero (a fuzzed header with raw length 0).
+    scratch = bytearray(max(1, min(count, UNSHUFFLE_BLOCK)))
     block, block_view = np.frombuffer(scratch, np.uint8), memoryview(scratch)
     for byte in range(element_size):  # the frame holds plane 0, then plane 1, ...
         for start in range(0, count, block.size):

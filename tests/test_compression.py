@@ -235,6 +235,24 @@ def test_shuffled_blob_with_a_lying_raw_length_is_refused() -> None:
             decode_chunk_into(blob, memoryview(bytearray(claimed)))
 
 
+@pytest.mark.parametrize("length", [0, 1, 7])
+def test_shuffled_blob_shorter_than_one_element(length: int) -> None:
+    """Raw lengths below the element size (found by .ci/fuzz: raw 0, element 8 raised a
+    ValueError): no byte plane, only the tail; an honest frame decodes, a longer one is refused."""
+    raw = bytes(range(1, length + 1))
+    for write_size in (True, False):
+        frame = zstandard.ZstdCompressor(write_content_size=write_size).compress(raw)
+        blob = _header(flags=8, raw=length, payload=len(frame)) + frame
+        assert bytes(decode_chunk(blob, expected_raw_length=length)) == raw
+        target = memoryview(bytearray(length))
+        decode_chunk_into(blob, target)
+        assert bytes(target) == raw
+        longer = zstandard.ZstdCompressor(write_content_size=write_size).compress(raw + b"x" * 300)
+        blob = _header(flags=8, raw=length, payload=len(longer)) + longer
+        with pytest.raises(FormatError):
+            decode_chunk(blob, expected_raw_length=length)
+
+
 def test_shuffled_bomb_allocates_at_most_the_expected_length() -> None:
     """A frame of 1 GiB of zeros (undeclared size) behind a shuffle header claiming 64 KiB."""
     big = 1 << 30
