@@ -267,10 +267,11 @@ def _concurrently(fn: Callable[[T], R], items: list[T],
 def _read_ref_target(backend: Backend, key: str, cache: MarkCache | None, now: float | None) -> str | None:
     """The manifest digest the ref at `key` names, or None if it is gone (as `read_ref`). With
     a cache, the answer is remembered under the ref's version (`MarkCache.remember_ref`: on
-    local only once the ref is old at server time `now`). `get_small` takes the version from a
-    head before its read, so the bytes could be newer than it: unless the cache knows that
-    pairing to be safe on this backend, it is remembered only if a head after the read shows
-    the same version."""
+    local only once the ref is old at server time `now`). The `Backend.get_small` default takes
+    the version from a head before its read (the shipped backends use one response), so the
+    bytes could be newer than it: unless the cache knows that pairing to be safe on this
+    backend, it is remembered only if a head after the read shows the same version (that head
+    also gives the mtime the settled rule needs on local)."""
     try:
         result = backend.get_small(key, MAX_REF_BYTES)
     except ObjectNotFoundError:

@@ -11,11 +11,13 @@ Two kinds of entry, each trusted only under its own key:
   object per chunk. k new steps write k files.
 - **A ref's target** (the manifest digest it names), keyed by the ref's key *and* the version
   the ref had when it was read: used only when a listing of refs/ shows exactly that version
-  again. A ref's version comes from a head before its read (`get_small`), so the bytes read
-  may be newer than the version (`pairing_is_safe`): where a version is never reused (GCS,
-  memory://) such an entry can never match a later listing; on S3 an ETag equal to the MD5
-  of the bytes read names exactly them; otherwise an entry is recorded only if a second head
-  after the read shows the same version. The version must never come back with other bytes:
+  again. The shipped backends' `get_small` returns bytes and version from one response, but
+  the `Backend` default (other backends, test wrappers) takes the version from a head before
+  the read, so gc assumes the bytes may be newer than the version (`pairing_is_safe`): where a
+  version is never reused (GCS, memory://) such an entry can never match a later listing; on
+  S3 an ETag equal to the MD5 of the bytes read names exactly them; otherwise an entry is
+  recorded only if a second head after the read shows the same version. The version must never
+  come back with other bytes:
   - S3: an ETag is the MD5 of the bytes (or unique per upload when encrypted), so the same
     ETag means the same bytes and the same target; GCS: a generation is never reused for a
     name; memory://: a process-wide counter (and the store's marker, in the identity below,
@@ -176,11 +178,11 @@ class MarkCache:
         return entry[1]
 
     def pairing_is_safe(self, version: str, data: bytes) -> bool:
-        """Whether a ref read as `data` under `version` (from the head before the read) may be
-        recorded without a head after it: GCS generations and memory's counter are never
-        reused, so if `data` is newer the entry can never match a listing; an S3 ETag that is
-        the MD5 of `data` is the version of exactly these bytes. Else (local, an encrypted or
-        changed S3 object): False, confirm with a head."""
+        """Whether a ref read as `data` under `version` (possibly from a head before the read: the
+        `Backend.get_small` default) may be recorded without a head after it: GCS generations
+        and memory's counter are never reused, so if `data` is newer the entry can never match
+        a listing; an S3 ETag that is the MD5 of `data` is the version of exactly these bytes.
+        Else (local, an encrypted or changed S3 object): False, confirm with a head."""
         scheme = _scheme(self.url)
         if scheme in ("gs", "memory"):
             return True
