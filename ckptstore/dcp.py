@@ -69,7 +69,7 @@ from ckptstore.dtypes import KIND_TORCH, TORCH_DTYPE_SIZES
 from ckptstore.epoch import Epoch, epoch_from_plain, epoch_to_plain, read_epoch
 from ckptstore.errors import CkptStoreError, FormatError, IntegrityError
 from ckptstore.hashing import hasher
-from ckptstore.knownchunks import handoff_epoch, handoff_for_ranks, known_from_handoff
+from ckptstore.knownchunks import handoff_epoch, handoff_for_ranks, known_from_handoff, known_without_handoff
 from ckptstore.leases import Lease
 from ckptstore.manifest import ChunkEntry, Manifest, Ref, StepSummary, TensorEntry
 from ckptstore.manifestread import read_parts
@@ -647,7 +647,7 @@ class StoreWriter(StorageWriter):
                 keepalive.append(src.keepalive)
         chunk_plan = plan_chunks([s.nbytes for s in sources], self.store.chunking)
         if handoff is None:
-            known, previous_part = self._previous_chunks(), None
+            known, previous_part = known_without_handoff(self.store, self.rank), None
         else:
             known, previous_part = known_from_handoff(self.store, handoff)
         writer = ChunkWriter(self.store.backend, self._hash, self.store.compression, self.store.threads,
@@ -657,12 +657,13 @@ class StoreWriter(StorageWriter):
         swept = settle_chunks(self.store, self._epoch, writer, chunk_plan, written, sources)
         new = {r.entry.digest: r.entry.stored_size for r in written if r.written}
         part, items_plain, logical = self._part(items, described, plain_segments(chunk_plan, written))
-        if previous_part is not None and not swept and self._hash(part) == previous_part.digest:
+        part_digest = self._hash(part)
+        if previous_part is not None and not swept and part_digest == previous_part.digest:
             # The same part as the previous step's (unchanged data): present at the coordinator's
             # ref read, and no gc swept since E0, so neither a head nor a put (knownchunks.py).
             part_entry, part_written = previous_part.entry, False
         else:
-            part_entry, part_written = put_blob(self.store, self._hash, part)
+            part_entry, part_written = put_blob(self.store, self._hash, part, part_digest)
         if part_written:
             new[part_entry.digest] = part_entry.stored_size
         self.new_chunks, self.new_bytes = len(new), sum(new.values())
@@ -679,32 +680,6 @@ class StoreWriter(StorageWriter):
             "items": _pack(items_plain), "logical": logical, "new_bytes": self.new_bytes, "rank": self.rank,
             "epoch": epoch_to_plain(self._epoch), "lease": self._lease.key}
         return [WriteResult(index=items[0].index, size_in_bytes=logical, storage_data=storage)]
-
-    def _previous_chunks(self) -> dict[str, ChunkEntry]:
-        """The chunks of this rank's part of the latest step (a v1 manifest: all of its chunks),
-        which write_data then neither heads nor puts (ckptstore/knownchunks.py argues why
-        that is safe after the lease: the settle heads them). Two small GETs instead of a HEAD
-        per chunk; empty, so every chunk is headed, on any doubt."""
-        store = self.store
-        if not store.verify:
-            return {}
-        try:
-            latest = store.latest()
-            if latest is None:
-                return {}
-            stored = store.manifest_object(store.ref(latest).manifest)
-            if isinstance(stored, Manifest):
-                return {c.digest: c for c in stored.chunks}
-            node = dcp_node(decode_tree(stored.tree))
-            ranks = node.get("part_ranks") if node is not None else None
-            if not isinstance(ranks, list) or len(ranks) != len(stored.parts) or self.rank not in ranks:
-                return {}
-            [(_, part)] = read_parts(store.backend, self._hash, stored, [ranks.index(self.rank)], 1)
-            return {c.digest: c for c in part.chunks}
-        except Exception as exc:  # fail closed: head every chunk
-            log.info("rank %d: reading its part of the latest step failed (%s: %s); heading every chunk",
-                     self.rank, type(exc).__name__, exc)
-            return {}
 
     @staticmethod
     def _part(items: list[WriteItem], described: list[tuple[str, str, tuple[int, ...]]],
@@ -810,9 +785,11 @@ def _unpack(data: Any) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=False)
 
 
-def put_blob(store: Store, hash_fn: Callable[[Any], str], data: bytes) -> tuple[ChunkEntry, bool]:
-    """Store `data` as one chunk blob (a manifest part or chunk table); (its entry, whether put)."""
-    digest = hash_fn(data)
+def put_blob(store: Store, hash_fn: Callable[[Any], str], data: bytes,
+             digest: str | None = None) -> tuple[ChunkEntry, bool]:
+    """Store `data` as one chunk blob (a manifest part or chunk table); (its entry, whether put).
+    `digest`: hash_fn(data) when the caller has it already."""
+    digest = digest if digest is not None else hash_fn(data)
     stored, written = put_chunk(store.backend, keys.chunk_key(digest),
                                 lambda: encode_chunk(memoryview(data), store.compression, BYTES))
     return ChunkEntry(digest, len(data), stored), written

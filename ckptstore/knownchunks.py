@@ -102,6 +102,15 @@ def handoff_for_ranks(store: StepSource, ranks: int) -> list[dict[str, Any]] | N
     return [{**base, "previous": previous[rank]} for rank in range(ranks)]
 
 
+def known_without_handoff(store: StepSource, rank: int) -> dict[str, ChunkEntry]:
+    """The chunks `rank` may skip when it got no handoff (DCP's plan cache hands over an
+    earlier save's plan; an unreadable epoch): it finds its part of the latest step as the
+    coordinator would, after its lease exists, then reads it as from a handoff. (A v1 latest
+    step is read twice here: only a store's first DCP save after v1 pays it.) Never raises."""
+    known, _ = known_from_handoff(store, {"previous": _previous_objects(store, rank + 1)[rank]})
+    return known
+
+
 def _previous_objects(store: StepSource, ranks: int) -> list[Any]:
     """Per rank: ["part", digest, raw size, stored size, items] of its part of the latest step,
     ["manifest", digest] when that step is a v1 manifest, or None."""

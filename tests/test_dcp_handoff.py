@@ -175,6 +175,9 @@ def test_a_rank_without_a_valid_handoff_reads_the_epoch_and_the_latest_step_itse
     assert len(listings) == 1  # rank 1 resolved the latest step itself (a handoff without its E0 is
     # not trusted at all); rank 0 used its handoff
     assert [k for op, k in counting.log if op == "put" and k.startswith("chunks/")] == []  # still all known
+    # ...and known from its own part of step 1: no data chunk is headed, only rank 1's new part
+    # (without a handoff it does not skip an identical part) and the coordinator's table.
+    assert len([k for op, k in counting.log if op == "head" and k.startswith("chunks/")]) == 2
     assert _loads_exactly(store, 2, full)
 
 
