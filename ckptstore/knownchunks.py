@@ -135,7 +135,7 @@ def _previous_objects(store: StepSource, ranks: int) -> list[Any]:
                 out[rank] = ["part", part.digest, part.raw_size, part.stored_size, part.count]
         return out
     except Exception as exc:
-        log.info("the coordinator could not read the latest step of %s (%s: %s); every chunk is checked with a head",
+        log.info("reading the latest step of %s failed (%s: %s); every chunk is checked with a head",
                  getattr(store, "url", "the store"), type(exc).__name__, exc)
         return nothing
 
