@@ -98,46 +98,50 @@ def handoff_for_ranks(store: StepSource, ranks: int) -> list[dict[str, Any]] | N
                  type(exc).__name__, exc)
         return None
     base = {"v": HANDOFF_VERSION, "epoch": epoch_to_plain(epoch)}
-    previous = _previous_objects(store, ranks)
+    previous, _ = _previous_objects(store, ranks)
     return [{**base, "previous": previous[rank]} for rank in range(ranks)]
 
 
 def known_without_handoff(store: StepSource, rank: int) -> dict[str, ChunkEntry]:
     """The chunks `rank` may skip when it got no handoff (DCP's plan cache hands over an
     earlier save's plan; an unreadable epoch): it finds its part of the latest step as the
-    coordinator would, after its lease exists, then reads it as from a handoff. (A v1 latest
-    step is read twice here: only a store's first DCP save after v1 pays it.) Never raises."""
-    known, _ = known_from_handoff(store, {"previous": _previous_objects(store, rank + 1)[rank]})
+    coordinator would, after its lease exists, then reads it as from a handoff; a v1 latest
+    step (a plain save) gives its chunk table as read, not read again. Never raises."""
+    previous, stored = _previous_objects(store, rank + 1)
+    if isinstance(stored, Manifest):  # hash-checked by manifest_object (only when store.verify)
+        return {chunk.digest: chunk for chunk in stored.chunks}
+    known, _ = known_from_handoff(store, {"previous": previous[rank]})
     return known
 
 
-def _previous_objects(store: StepSource, ranks: int) -> list[Any]:
+def _previous_objects(store: StepSource, ranks: int) -> tuple[list[Any], Manifest | RootManifest | None]:
     """Per rank: ["part", digest, raw size, stored size, items] of its part of the latest step,
-    ["manifest", digest] when that step is a v1 manifest, or None."""
+    ["manifest", digest] when that step is a v1 manifest, or None; and that step's manifest
+    object as read (None when there is none or on any doubt)."""
     nothing: list[Any] = [None] * ranks
     if not store.verify:
-        return nothing  # an unchecked manifest's chunk table is not trusted to skip a head
+        return nothing, None  # an unchecked manifest's chunk table is not trusted to skip a head
     try:
         step = store.latest()
         if step is None:
-            return nothing
+            return nothing, None
         digest = store.ref(step).manifest
         stored = store.manifest_object(digest)
         if isinstance(stored, Manifest):
-            return [["manifest", digest]] * ranks
+            return [["manifest", digest]] * ranks, stored
         node = dcp_node(decode_tree(stored.tree))
         part_ranks = node.get("part_ranks") if node is not None else None
         if not isinstance(part_ranks, list) or len(part_ranks) != len(stored.parts):
-            return nothing
+            return nothing, None
         out = list(nothing)
         for part, rank in zip(stored.parts, part_ranks, strict=True):
             if isinstance(rank, int) and 0 <= rank < ranks and out[rank] is None:
                 out[rank] = ["part", part.digest, part.raw_size, part.stored_size, part.count]
-        return out
+        return out, stored
     except Exception as exc:
         log.info("reading the latest step of %s failed (%s: %s); every chunk is checked with a head",
                  getattr(store, "url", "the store"), type(exc).__name__, exc)
-        return nothing
+        return nothing, None
 
 
 def handoff_epoch(handoff: Any) -> Epoch | None:

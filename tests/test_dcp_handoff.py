@@ -181,6 +181,33 @@ def test_a_rank_without_a_valid_handoff_reads_the_epoch_and_the_latest_step_itse
     assert _loads_exactly(store, 2, full)
 
 
+def test_a_rank_without_a_handoff_after_a_plain_save_reads_its_manifest_once(space: str) -> None:
+    """The latest step is a plain (v1) save of the same tensors, and no rank got a handoff: each
+    rank reads that manifest once and skips every chunk it lists (its 4 KiB chunks are the DCP
+    shards' chunks), neither heading nor putting one."""
+    store = _store(MemoryBackend(space))
+    full = _full()
+    store.save(1, full)
+    digest = store.ref(1).manifest
+    writers = [StoreWriter(store, 2) for _ in range(2)]
+    for rank, writer in enumerate(writers):
+        writer.set_up_storage_writer(rank == 0, rank=rank)
+    from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+    plans, metadata = create_default_global_save_plan(dcpsim.local_plans(MODEL, 2))
+    plans = writers[0].prepare_global_plan(plans)
+    plans = [type(p)(p.items, storage_data=None) for p in plans]
+    counting = CountingBackend(store.backend)
+    store.backend = counting
+    planner = dcpsim._Planner(_data(full))
+    results = [w.write_data(p, planner).value() for w, p in zip(writers, plans, strict=True)]  # type: ignore[arg-type]
+    writers[0].finish(metadata, results)
+    manifest_reads = [k for op, k in counting.log if op in ("get", "get_range") and k == keys.manifest_key(digest)]
+    assert len(manifest_reads) == 2  # one a rank
+    data_chunks = {keys.chunk_key(c.digest) for c in store.manifest(digest).chunks}
+    assert [k for op, k in counting.log if op in ("head", "put") and k in data_chunks] == []
+    assert _loads_exactly(store, 2, full)
+
+
 def test_a_handoff_whose_part_is_gone_heads_every_chunk_and_saves(space: str) -> None:
     inner = MemoryBackend(space)
     store = _store(inner)
